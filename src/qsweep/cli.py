@@ -107,3 +107,35 @@ def leaderboard(
         console.print(to_table(board))
     else:
         sys.stdout.write(to_json(board) + "\n" if format is Format.json else to_csv(board))
+
+
+@app.command()
+def reproduce(
+    run_id: str = typer.Argument(..., help="a finished trial's MLflow run id (see `qsweep leaderboard`)"),
+    tracking_uri: str = typer.Option(
+        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+    ),
+) -> None:
+    """Reload a trial's adapter onto its logged base and quantization, re-score it, compare."""
+    from rich.table import Table
+
+    from qsweep.evaluate import evaluate_model, include_dirs
+    from qsweep.replay import ProvenanceError, fetch_logged_trial, load_trained
+
+    try:
+        logged = fetch_logged_trial(tracking_uri, run_id)
+        base_dir = Path(logged.provenance.get("base_dir", "."))
+        model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, base_dir)
+    except ProvenanceError as exc:
+        fail([str(exc)])
+    evaluation = logged.trial.evaluation
+    scores = evaluate_model(model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
+                            num_fewshot=evaluation.num_fewshot, limit=evaluation.limit,
+                            batch_size=evaluation.batch_size).scores
+    table = Table(title=f"run {run_id}: logged vs reproduced")
+    for column in ("metric", "logged", "reproduced"):
+        table.add_column(column)
+    for name, value in sorted(scores.items()):
+        logged_value = logged.metrics.get(name)
+        table.add_row(name, "-" if logged_value is None else f"{logged_value:.4f}", f"{value:.4f}")
+    console.print(table)

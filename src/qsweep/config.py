@@ -7,6 +7,7 @@ so `qsweep show` can write any trial back out as a valid single-trial sweep file
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -143,21 +144,28 @@ class SweepFileError(Exception):
         super().__init__("\n".join(f"{source}: {p}" for p in problems))
 
 
+# pydantic puts the tried type of a union field into the error location (`gpus_per_trial.float`).
+UNION_TAG = re.compile(r"^(str|int|float|bool|list|dict|function-after|literal)(\[.*\])?$")
+
+
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(part) for part in loc)
+    return ".".join(str(part) for part in loc if not (isinstance(part, str) and UNION_TAG.match(part)))
 
 
 def describe_validation_error(error: ValidationError) -> list[str]:
-    problems = []
+    """One problem per field: the alternatives of a union field are merged into one message."""
+    by_field: dict[str, list[str]] = {}
     for item in error.errors():
         where = _field_path(item["loc"])
         if item["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown key; remove it or check its spelling")
+            text = "unknown key; remove it or check its spelling"
         elif item["type"] == "missing":
-            problems.append(f"{where}: required; add it")
+            text = "required; add it"
         else:
-            problems.append(f"{where}: {item['msg']} (got {item.get('input')!r})")
-    return problems
+            text = f"{item['msg']} (got {item.get('input')!r})"
+        if text not in by_field.setdefault(where, []):
+            by_field[where].append(text)
+    return [f"{where}: {' or '.join(texts)}" for where, texts in by_field.items()]
 
 
 def read_yaml(path: Path) -> Any:

@@ -59,11 +59,18 @@ def _local_task_config(path: Path) -> dict[str, Any]:
 
     config = load_yaml(path)
     files = config.get("dataset_kwargs", {}).get("data_files")
-    if isinstance(files, dict):
-        config["dataset_kwargs"]["data_files"] = {
-            split: str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for split, f in files.items()
-        }
+    if files is not None:
+        config["dataset_kwargs"]["data_files"] = _relative_to(path.parent, files)
     return config
+
+
+def _relative_to(folder: Path, files: Any) -> Any:
+    """data_files as a string, a list, or a split → file(s) mapping, each made absolute."""
+    if isinstance(files, dict):
+        return {split: _relative_to(folder, f) for split, f in files.items()}
+    if isinstance(files, list):
+        return [_relative_to(folder, f) for f in files]
+    return str((folder / files).resolve()) if not Path(files).is_absolute() else files
 
 
 @functools.lru_cache(maxsize=2)
@@ -95,9 +102,21 @@ def flatten_scores(results: dict[str, dict[str, Any]]) -> dict[str, float]:
             if "," not in key or not _finite(value):
                 continue
             name, filter_name = key.split(",", 1)
-            suffix = name if filter_name == "none" else f"{name}_{filter_name}"
+            base, stderr = (name.removesuffix("_stderr"), "_stderr") if name.endswith("_stderr") else (name, "")
+            suffix = name if filter_name == "none" else f"{base}_{filter_name}{stderr}"
             scores[f"{task}/{suffix}"] = float(value)
     return scores
+
+
+def _sample_record(sample: dict[str, Any]) -> dict[str, Any]:
+    """Per-item outcome kept for paired tests and reproduction checks: scores and, for
+    multiple choice, each choice's log-likelihood."""
+    record = {"doc_id": sample["doc_id"], "target": sample.get("target")}
+    record.update({k: sample[k] for k in ("acc", "acc_norm", "exact_match") if k in sample})
+    responses = sample.get("filtered_resps") or []
+    if responses and all(isinstance(r, (list, tuple)) and len(r) == 2 for r in responses):
+        record["loglikelihoods"] = [float(r[0]) for r in responses]
+    return record
 
 
 def evaluate_model(
@@ -124,11 +143,5 @@ def evaluate_model(
         log_samples=True,
         bootstrap_iters=1000,
     )
-    samples = {
-        task: [
-            {"doc_id": s["doc_id"], **{k: s[k] for k in s if k in ("acc", "acc_norm", "exact_match")}}
-            for s in items
-        ]
-        for task, items in raw.get("samples", {}).items()
-    }
+    samples = {task: [_sample_record(s) for s in items] for task, items in raw.get("samples", {}).items()}
     return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=samples)

@@ -40,6 +40,10 @@ class ParamSpec(Strict):
                 raise ValueError(f"low ({self.low}) is above high ({self.high})")
             if self.log and self.low <= 0:
                 raise ValueError("log scale needs low > 0")
+            if self.log and self.step is not None:
+                raise ValueError("Optuna cannot combine log: true with step; drop one of them")
+            if self.integer and self.step is not None and (self.step < 1 or self.step != int(self.step)):
+                raise ValueError(f"an integer param needs a whole step >= 1 (got {self.step})")
         return self
 
     def edge_values(self) -> list[Scalar]:

@@ -2,8 +2,8 @@
 
 peft's "all-linear" knows only that one preset and Llama-style names are not universal (GPT-2
 calls its layers c_attn/c_proj/c_fc, and c_proj sits in both attention and MLP), so presets are
-resolved here by where each linear layer sits, and returned as `parent.leaf` suffixes that peft
-matches unambiguously.
+resolved here by where each linear layer sits, and returned as the shortest suffixes (usually
+`parent.leaf`) that match exactly the chosen layers under peft's suffix matching.
 """
 
 from __future__ import annotations
@@ -30,15 +30,28 @@ def linear_module_names(model_path: Path, trust_remote_code: bool = False) -> li
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and name.split(".")[-1] not in OUTPUT_HEADS
+        if isinstance(module, (torch.nn.Linear, Conv1D))
+        and module is not head
+        and name.split(".")[-1] not in OUTPUT_HEADS
     ]
 
 
-def _suffix(name: str) -> str:
-    return ".".join(name.split(".")[-2:])
+def _unambiguous_suffixes(chosen: list[str], linear_names: list[str]) -> list[str]:
+    """The shortest `parent.leaf`-or-longer suffix of each chosen layer that no other layer ends with."""
+    others = [n for n in linear_names if n not in set(chosen)]
+    suffixes = set()
+    for name in chosen:
+        parts = name.split(".")
+        for width in range(min(2, len(parts)), len(parts) + 1):
+            suffix = ".".join(parts[-width:])
+            if not any(_matches(other, suffix) for other in others):
+                break
+        suffixes.add(suffix)
+    return sorted(suffixes)
 
 
 def _in_block(name: str, parents: tuple[str, ...]) -> bool:
@@ -52,7 +65,7 @@ def preset_suffixes(linear_names: list[str], preset: str) -> list[str]:
         chosen = [n for n in linear_names if _in_block(n, MLP_PARENTS) and not _in_block(n, ATTENTION_PARENTS)]
     else:
         chosen = list(linear_names)
-    return sorted({_suffix(n) for n in chosen})
+    return _unambiguous_suffixes(chosen, linear_names)
 
 
 def _matches(name: str, target: str) -> bool:
@@ -69,9 +82,9 @@ def resolve_target_modules(spec: str | list[str], linear_names: list[str]) -> li
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     unknown = [t for t in names if not any(_matches(n, t) for n in linear_names)]
     if unknown:
-        valid = sorted({n.split(".")[-1] for n in linear_names} | {_suffix(n) for n in linear_names})
+        valid = sorted({n.split(".")[-1] for n in linear_names} | {".".join(n.split(".")[-2:]) for n in linear_names})
         raise TargetModuleError(
             f"{', '.join(map(repr, unknown))} not in this model; use a preset ({', '.join(PRESETS)}) "
             f"or one of: {', '.join(valid)}"
         )
-    return sorted({_suffix(n) for n in linear_names if any(_matches(n, t) for t in names)})
+    return _unambiguous_suffixes([n for n in linear_names if any(_matches(n, t) for t in names)], linear_names)

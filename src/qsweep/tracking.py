@@ -38,8 +38,9 @@ def ensure_experiment(uri: str, name: str) -> str:
 
 
 def is_secret(name: str) -> bool:
-    """hf_token, api_key, aws_secret_access_key, password: any word of the name is a secret word."""
-    return any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", name.lower()))
+    """hf_token, apiKey, aws_secret_access_key, password: any word of the name is a secret word."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return any(word in SECRET_WORDS for word in re.split(r"[^a-z0-9]+", words))
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

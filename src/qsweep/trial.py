@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from qsweep.config import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
-from qsweep.data import load_rows, tokenize_rows
+from qsweep.data import data_hash, load_rows, tokenize_rows
 from qsweep.evaluate import evaluate_model, include_dirs
 from qsweep.models import resolve_model
 from qsweep.targets import linear_module_names, resolve_target_modules
@@ -88,7 +88,20 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
         device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
         trust_remote_code=trust_remote_code,
     )
+    keep_cpu_weights_unpacked(model)
     return model, tokenizer
+
+
+def keep_cpu_weights_unpacked(model: Any) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place the first time it
+    runs in eval mode. A validation pass in the middle of training then leaves the model scoring
+    differently from the same adapter reloaded onto a fresh base (seen with bitsandbytes 0.50), so
+    a logged score could not be reproduced. Keeping the plain layout everywhere avoids that."""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[str], checkpointing: bool) -> Any:
@@ -234,6 +247,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     provenance = {
         "model_path": str(model_info.path),
         "model_hash": model_info.content_hash,
+        "data_hash": data_hash([data.train, data.validation], base_dir),
+        "base_dir": str(base_dir.resolve()),
         "target_modules_resolved": targets,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         "optimizer": resolve_optimizer(trial.training.optimizer),

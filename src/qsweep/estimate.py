@@ -1,0 +1,341 @@
+"""Peak memory of one trial, from its config and the model's config.json alone (no weights).
+
+The estimate is what Ray needs to pack several trials onto one GPU, and what validation needs to
+say "this trial cannot fit" before anything is loaded. It models what `trial.run_trial` actually
+does, not textbook QLoRA: `prepare_model_for_kbit_training` upcasts every non-4-bit parameter to
+fp32, so embeddings, norms and an untied head cost 4 bytes/param whatever the compute dtype, and the
+residual stream (embedding output, norms, `Linear4bit` outputs, which bitsandbytes casts back to
+the input's dtype) stays fp32 even under bf16 autocast. Only what autocast re-casts (attention
+inputs, LoRA inputs) is saved in the compute dtype.
+
+The peak of a training step is at the start of the backward pass: every activation saved by the
+forward pass is still held, and the loss's backward holds three fp32 [tokens x vocab] buffers
+(log-softmax output, its gradient, the gradient of the logits). With gradient checkpointing only
+each layer's input is held, and the peak is the larger of that loss moment and the backward of one
+recomputed layer. Optimizer state exists from step 2 on and is counted in full.
+
+Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
+bench/results/estimator_cpu.json); the GPU-only terms (CUDA context, bool dropout masks, bf16
+autocast copies) follow the same code paths but are not measured here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from qsweep.config import TrialConfig
+from qsweep.targets import resolve_target_modules
+
+MIB = 2**20
+
+# bitsandbytes 4-bit: two values per byte; one absmax per block of 64 values (bnb's default for
+# Params4bit). Double quantization stores the absmax as uint8 and adds one fp32 absmax per 256 of
+# them, plus a 256-entry fp32 code table and an fp32 offset per layer.
+BLOCK_4BIT = 64
+BLOCK_NESTED = 256
+QUANT_MAP_BYTES = 16 * 4  # each layer keeps its own nf4/fp4 16-value table
+NESTED_CODE_BYTES = 256 * 4 + 4
+
+# bitsandbytes 8-bit optimizers quantize each state in blocks of 256 with an fp32 absmax, and keep
+# tensors smaller than this in fp32 (their min_8bit_size default).
+OPT8_BLOCK = 256
+OPT8_MIN_SIZE = 4096
+
+# What a CUDA process holds before its first tensor: driver context, kernels loaded lazily, cuBLAS
+# workspace. Measured figures for torch 2.x on A100/H100 are 400-550 MiB; the high end is used
+# because a trial that does not fit is worse than one GPU slot left idle.
+CUDA_CONTEXT_MIB = 550.0
+
+# On the CPU the fixed cost that grows during training besides tensors (autograd graph, Trainer
+# and dataloader objects, small tensors on the malloc heap, oneDNN scratch), measured as peak-RSS
+# growth minus torch-allocator growth over the configs of tests/test_estimate.py. The interpreter
+# and its imported libraries (about 550 MiB) are excluded, like the CUDA context is from
+# torch.cuda.max_memory_allocated.
+CPU_RUNTIME_MIB = 40.0
+
+Device = Literal["cuda", "cpu"]
+
+
+class MemoryEstimate(BaseModel):
+    """Peak memory of one trial in MiB, by component; `total` is what the device must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Device
+    quantized_weights: float
+    unquantized_weights: float
+    lora_params: float
+    lora_grads: float
+    optimizer_state: float
+    activations: float
+    runtime_overhead: float
+    total: float
+    # Counts behind the figures, so a surprising number can be traced to its cause.
+    quantized_param_count: int
+    unquantized_param_count: int
+    lora_param_count: int
+    tokens_per_step: int
+
+    @property
+    def tensors(self) -> float:
+        """The tensor part: what torch.cuda.max_memory_allocated (or the CPU allocator) reports."""
+        return self.total - self.runtime_overhead
+
+    def format(self, title: str = "") -> str:
+        rows = [
+            ("4-bit base weights", self.quantized_weights),
+            ("fp32 embeddings/norms/head", self.unquantized_weights),
+            ("LoRA parameters", self.lora_params),
+            ("LoRA gradients", self.lora_grads),
+            ("optimizer state", self.optimizer_state),
+            ("activations (peak)", self.activations),
+            ("CUDA context" if self.device == "cuda" else "runtime overhead", self.runtime_overhead),
+            ("total", self.total),
+        ]
+        head = f"{title} ({self.device})" if title else self.device
+        return "\n".join([head] + [f"  {name:<28}{mib:>10.1f} MiB" for name, mib in rows])
+
+
+@dataclass(frozen=True)
+class _Linear:
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from the architecture, read from a meta-device model."""
+
+    quantized: tuple[_Linear, ...]  # the layers bitsandbytes turns into Linear4bit
+    linear_names: tuple[str, ...]  # every linear layer except the output head (LoRA candidates)
+    unquantized_params: int  # elements, tied weights once
+    buffer_bytes: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    glu_mlp: bool
+
+
+@lru_cache(maxsize=16)
+def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape:
+    """Builds the model on the meta device from config.json and sorts its parameters the way
+    transformers' bitsandbytes integration will, using its own skip rules so they cannot drift."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from qsweep.targets import OUTPUT_HEADS
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    # The same list Bnb4BitHfQuantizer builds: tied weights, the last parameter, the output head,
+    # plus the model's own keep-in-fp32 modules.
+    skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+    quantized: list[_Linear] = []
+    quantized_ids: set[int] = set()
+    linear_names: list[str] = []
+    for name, module in model.named_modules():
+        is_linear = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
+        if not is_linear:
+            continue
+        if name.split(".")[-1] not in OUTPUT_HEADS:
+            linear_names.append(name)
+        if should_convert_module(name, skip):
+            # Conv1D stores its weight transposed: (in, out).
+            rows, cols = module.weight.shape
+            in_f, out_f = (rows, cols) if isinstance(module, Conv1D) else (cols, rows)
+            quantized.append(_Linear(name, in_f, out_f))
+            quantized_ids.add(id(module.weight))
+
+    # named_parameters() yields a tied weight once, so tied embeddings are counted once.
+    unquantized = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    layers = config.num_hidden_layers
+    # The MLP width from the layers themselves: configs spell it intermediate_size, n_inner (None
+    # meaning 4 x hidden), ffn_dim...; a GLU MLP has two layers that widen to it (gate and up).
+    widths = [q.out_features for q in quantized if q.out_features > hidden and q.in_features == hidden]
+    intermediate = max(widths, default=4 * hidden)
+    widening = sum(1 for w in widths if w == intermediate) / max(layers, 1)
+    return ModelShape(
+        quantized=tuple(quantized),
+        linear_names=tuple(linear_names),
+        unquantized_params=unquantized,
+        buffer_bytes=buffer_bytes,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        glu_mlp=widening >= 2,
+    )
+
+
+def quantized_bytes(numel: int, double_quant: bool) -> int:
+    """Storage of one Linear4bit weight: packed nibbles, absmax per 64, and the quant tables.
+
+    nf4 and fp4 cost the same; only the 16-value table differs."""
+    blocks = math.ceil(numel / BLOCK_4BIT)
+    packed = (numel + 1) // 2
+    if not double_quant:
+        return packed + blocks * 4 + QUANT_MAP_BYTES
+    return packed + blocks + math.ceil(blocks / BLOCK_NESTED) * 4 + NESTED_CODE_BYTES + QUANT_MAP_BYTES
+
+
+def _resolved_optimizer(name: str, device: Device) -> str:
+    # Mirrors trial.resolve_optimizer without asking torch which device this process has.
+    if name != "auto":
+        return name
+    return "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
+
+
+def optimizer_bytes(lora_shapes: list[int], optimizer: str) -> int:
+    """AdamW keeps two moments per parameter: fp32 for the 32-bit optimizers, blockwise uint8 for
+    the 8-bit ones (tensors under 4096 elements stay fp32). Paged states are still counted: they
+    live on the GPU while the step runs and only move out under memory pressure."""
+    if "8bit" not in optimizer:
+        return sum(8 * n for n in lora_shapes)
+    return sum(8 * n if n < OPT8_MIN_SIZE else 2 * n + 2 * 4 * math.ceil(n / OPT8_BLOCK) for n in lora_shapes)
+
+
+def _dtype_bytes(compute_dtype: str, device: Device) -> int:
+    if compute_dtype == "auto":
+        # trial.resolve_compute_dtype: bf16 (or fp16) on a GPU, fp32 on a CPU.
+        return 2 if device == "cuda" else 4
+    return 4 if compute_dtype == "float32" else 2
+
+
+def activation_bytes(
+    shape: ModelShape,
+    lora_inputs: list[int],
+    r: int,
+    dropout: float,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    device: Device,
+    compute_bytes: int,
+) -> int:
+    """Peak bytes of saved activations plus the backward's transient buffers.
+
+    `lora_inputs` holds the in_features of every LoRA-wrapped layer (all decoder layers)."""
+    tokens = batch * seq
+    h, i, v = shape.hidden, shape.intermediate, shape.vocab
+    res = 4  # fp32 residual stream: see the module docstring
+    # Autocast (GPU with bf16/fp16) saves attention and LoRA inputs in the compute dtype; on the CPU
+    # the Trainer runs without autocast and peft casts LoRA inputs back to the fp32 LoRA weights.
+    cast = compute_bytes if device == "cuda" else 4
+
+    # Per decoder layer, what autograd keeps for the backward pass (the 4-bit matmul keeps only its
+    # packed weight and recomputes the dequantization, so the base linears add nothing):
+    # two norms keep their input and 1/rms per token;
+    norms = 2 * (h * res + 4)
+    # attention (fused SDPA) keeps q, k, v, output and the log-sum-exp per head. With a padding
+    # mask (the trial's collator pads each batch to its longest row) transformers repeats k/v to
+    # all heads, and SDPA keeps a float copy of the [seq x seq] mask in every layer;
+    attention = 4 * shape.heads * shape.head_dim * cast + shape.heads * 4 + seq * cast
+    # a GLU MLP keeps the gate output (for SiLU), SiLU's output and the up output (for the product);
+    # a plain MLP keeps the first projection's output and what its activation function needs.
+    mlp = (3 if shape.glu_mlp else 2) * i * res
+    base_per_layer = tokens * (norms + attention + mlp)
+
+    # Every LoRA layer keeps its dropped-out input (for lora_A's gradient), the dropout mask (CUDA:
+    # one byte; CPU dropout multiplies by a float noise tensor and keeps it) and lora_A's output.
+    # Each wrapped layer has its own dropout, so q, k and v keep three copies of the same input.
+    mask = (1 if device == "cuda" else res) if dropout > 0 else 0
+    lora_total = sum(tokens * (n * (cast + mask) + r * cast) for n in lora_inputs)
+
+    # The loss: log-softmax output, the gradient arriving at it and the gradient it produces, all
+    # fp32 [tokens x vocab] (transformers upcasts logits before cross-entropy). For small models
+    # this is the single largest buffer of the step.
+    loss = 3 * tokens * v * 4
+    # Around the loss the final norm keeps its input; the 4-bit matmul dequantizes its weight into
+    # a temporary in the compute dtype, the largest layer's sets the workspace.
+    final_norm = tokens * (h * res + 4)
+    dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
+    # While one layer runs backward, gradients of its widest tensors (MLP intermediates) coexist.
+    layer_backward = tokens * 3 * i * res
+
+    if not checkpointing:
+        held = shape.layers * base_per_layer + lora_total + final_norm
+        return held + max(loss, layer_backward) + dequant
+    # Checkpointing keeps each layer's input; one layer at a time is recomputed during backward.
+    inputs = shape.layers * tokens * h * res
+    one_layer = base_per_layer + lora_total // max(shape.layers, 1)
+    return inputs + final_norm + max(loss, one_layer + layer_backward) + dequant
+
+
+def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
+    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json only."""
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    dev: Device = "cuda" if device == "cuda" else "cpu"
+    shape = model_shape(Path(model_path).resolve(), trial.model.trust_remote_code)
+    quant, lora, training = trial.quantization, trial.lora, trial.training
+
+    quantized = sum(quantized_bytes(q.in_features * q.out_features, quant.double_quant) for q in shape.quantized)
+    quantized_count = sum(q.in_features * q.out_features for q in shape.quantized)
+    unquantized = shape.unquantized_params * 4 + shape.buffer_bytes
+
+    targets = resolve_target_modules(lora.target_modules, list(shape.linear_names))
+    wrapped = [
+        q for q in shape.quantized if any(q.name == t or q.name.endswith("." + t) for t in targets)
+    ]
+    # LoRA weights are fp32 (peft upcasts adapters), A is r x in and B is out x r.
+    lora_tensors = [n for q in wrapped for n in (lora.r * q.in_features, lora.r * q.out_features)]
+    lora_count = sum(lora_tensors)
+    lora_bytes = 4 * lora_count
+    optimizer = optimizer_bytes(lora_tensors, _resolved_optimizer(training.optimizer, dev))
+
+    compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
+    activations = activation_bytes(
+        shape,
+        [q.in_features for q in wrapped],
+        lora.r,
+        lora.dropout,
+        training.batch_size,
+        trial.data.max_seq_length,
+        training.gradient_checkpointing,
+        dev,
+        compute_bytes,
+    )
+    overhead = CUDA_CONTEXT_MIB if dev == "cuda" else CPU_RUNTIME_MIB
+
+    parts = [quantized, unquantized, lora_bytes, lora_bytes, optimizer, activations]
+    total = sum(parts) / MIB + overhead
+    return MemoryEstimate(
+        device=dev,
+        quantized_weights=quantized / MIB,
+        unquantized_weights=unquantized / MIB,
+        lora_params=lora_bytes / MIB,
+        lora_grads=lora_bytes / MIB,
+        optimizer_state=optimizer / MIB,
+        activations=activations / MIB,
+        runtime_overhead=overhead,
+        total=total,
+        quantized_param_count=quantized_count,
+        unquantized_param_count=shape.unquantized_params,
+        lora_param_count=lora_count,
+        tokens_per_step=training.batch_size * trial.data.max_seq_length,
+    )

@@ -1,0 +1,75 @@
+"""A logged trial back in memory: its adapter on the logged base, quantized as logged.
+
+Provenance is checked before anything is scored: a base whose weights hash differently from the
+logged one would silently give different numbers, so it is refused.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qsweep import tracking
+from qsweep.config import TrialConfig
+from qsweep.models import resolve_model
+
+
+class ProvenanceError(ValueError):
+    pass
+
+
+@dataclass
+class LoggedTrial:
+    run_id: str
+    trial: TrialConfig
+    provenance: dict[str, Any]
+    adapter_dir: Path
+    metrics: dict[str, float]
+
+
+def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None) -> LoggedTrial:
+    """Downloads config.yaml and the adapter of a finished trial run."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = tracking.client(uri)
+    try:
+        run = mlflow_client.get_run(run_id)
+    except MlflowException:
+        raise ProvenanceError(f"RUN_ID {run_id!r} is not a run in {uri}") from None
+    if run.data.tags.get("qsweep.outcome") != "finished":
+        raise ProvenanceError(f"run {run_id} is not a finished qsweep trial (it has no adapter)")
+    dest = Path(dest or tempfile.mkdtemp(prefix=f"qsweep-{run_id[:8]}-"))
+    config_file = Path(mlflow_client.download_artifacts(run_id, "config.yaml", str(dest)))
+    adapter_dir = Path(mlflow_client.download_artifacts(run_id, "adapter", str(dest)))
+    logged = yaml.safe_load(config_file.read_text())
+    provenance = logged.pop("provenance")
+    return LoggedTrial(run_id, TrialConfig(**logged), provenance, adapter_dir, dict(run.data.metrics))
+
+
+def check_base(model_hash: str, logged: dict[str, Any]) -> None:
+    if model_hash != logged["model_hash"]:
+        raise ProvenanceError(
+            f"the base model's weights hash to {model_hash[:12]}…, but the adapter was trained on "
+            f"{logged['model_hash'][:12]}…; point model.name at the exact base it was trained on"
+        )
+
+
+def load_trained(trial: TrialConfig, provenance: dict[str, Any], adapter_dir: Path, base_dir: Path) -> tuple[Any, Any]:
+    """Base in 4 bit exactly as the trial had it (kbit preparation included), plus the adapter."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    from qsweep.trial import load_base
+
+    model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
+    check_base(model_info.content_hash, provenance)
+    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    # The trial scored its model after prepare_model_for_kbit_training (norms upcast to fp32);
+    # doing the same here makes the reloaded logits match, not just come close.
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    return model, tokenizer

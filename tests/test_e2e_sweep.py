@@ -1,0 +1,121 @@
+"""A real 2-trial sweep: Ray Tune + Optuna, bitsandbytes 4-bit, peft, Trainer, lm-eval, MLflow."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qsweep.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory, tiny_sweep_base) -> dict:
+    workdir = tmp_path_factory.mktemp("sweep")
+    sweep = copy.deepcopy(tiny_sweep_base)
+    sweep["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "e2e"}
+    sweep["output_dir"] = str(workdir / "runs")
+    # Both 4-bit types tried, ASHA off so both trials finish whatever their losses.
+    sweep["search"] = {
+        **sweep["search"],
+        "num_trials": 2,
+        "asha": {"enabled": False},
+        "baselines": [
+            {"quantization.quant_type": "nf4", "lora.target_modules": "all-linear", "lora.r": 8},
+            {"quantization.quant_type": "fp4", "lora.target_modules": "attention", "lora.r": 4},
+        ],
+    }
+    path = workdir / "tiny.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
+    return {"result": result, "uri": sweep["tracking"]["uri"], "workdir": workdir}
+
+
+def _trial_runs(uri: str) -> list:
+    from qsweep.tracking import client
+
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name("e2e")
+    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+
+
+def test_sweep_finishes_and_prints_leaderboard(finished_sweep):
+    result = finished_sweep["result"]
+    assert result.exit_code == 0, result.output
+    assert "finished 2, stopped early 0, failed 0" in result.output
+    assert "untuned base model: zorble/acc" in result.output
+    assert "mlflow ui --backend-store-uri" in result.output
+
+
+def test_every_child_run_carries_the_full_config(finished_sweep):
+    runs = _trial_runs(finished_sweep["uri"])
+    assert len(runs) == 2
+    assert {r.data.params["quantization.quant_type"] for r in runs} == {"nf4", "fp4"}
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"]
+        for key in ("model.name", "provenance.model_hash", "provenance.data_hash", "quantization.double_quant",
+                    "provenance.compute_dtype", "lora.r", "lora.alpha", "lora.dropout",
+                    "provenance.target_modules_resolved", "training.learning_rate", "training.lr_scheduler",
+                    "training.max_steps", "training.batch_size", "training.seed", "provenance.versions.torch",
+                    "provenance.versions.transformers", "provenance.versions.peft",
+                    "provenance.versions.bitsandbytes", "provenance.versions.lm_eval"):
+            assert params.get(key) not in (None, ""), key
+        assert len(params["provenance.model_hash"]) == 64
+        for key in ("zorble/acc", "zorble/acc_stderr", "peak_memory_mb", "tokens_per_second", "train_seconds",
+                    "wall_seconds", "eval_loss"):
+            assert key in metrics, key
+        assert metrics["peak_memory_mb"] > 0 and metrics["tokens_per_second"] > 0
+
+
+def test_artifacts_and_loss_curve_are_logged(finished_sweep):
+    from qsweep.tracking import client
+
+    mlflow_client = client(finished_sweep["uri"])
+    for run in _trial_runs(finished_sweep["uri"]):
+        names = {a.path for a in mlflow_client.list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "adapter", "lm_eval_results.json", "lm_eval_samples.jsonl"} <= names
+        adapter = {a.path for a in mlflow_client.list_artifacts(run.info.run_id, "adapter")}
+        assert "adapter/adapter_model.safetensors" in adapter
+        curve = mlflow_client.get_metric_history(run.info.run_id, "eval_loss")
+        assert [m.step for m in sorted(curve, key=lambda m: m.step)] == [5, 10]
+
+
+def test_parent_run_has_the_baseline(finished_sweep):
+    from qsweep.tracking import client
+
+    mlflow_client = client(finished_sweep["uri"])
+    experiment = mlflow_client.get_experiment_by_name("e2e")
+    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    assert "baseline/zorble/acc" in parent.data.metrics
+    assert parent.data.metrics["trials_finished"] == 2
+
+
+def test_leaderboard_json_is_ranked(finished_sweep):
+    result = CliRunner().invoke(
+        app, ["leaderboard", "--tracking-uri", finished_sweep["uri"], "--experiment", "e2e", "--format", "json"]
+    )
+    assert result.exit_code == 0, result.output
+    board = json.loads(result.output)
+    scores = [row["zorble/acc"] for row in board["rows"]]
+    assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+
+
+def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
+    from qsweep.evaluate import evaluate_model, include_dirs
+    from qsweep.replay import fetch_logged_trial, load_trained
+
+    for run in _trial_runs(finished_sweep["uri"]):
+        logged = fetch_logged_trial(finished_sweep["uri"], run.info.run_id)
+        model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, Path("."))
+        evaluation = logged.trial.evaluation
+        scores = evaluate_model(model, tokenizer, evaluation.tasks, include_dirs([], Path(".")),
+                                limit=evaluation.limit, batch_size=evaluation.batch_size).scores
+        assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)

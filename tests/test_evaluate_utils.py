@@ -1,0 +1,134 @@
+"""evaluate.flatten_scores and local lm-eval task discovery (no model, no lm-eval run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qsweep.evaluate import flatten_scores, include_dirs, local_tasks, task_specs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- flatten_scores --------------------------------------------------------------------------------
+
+
+def test_flatten_scores_lm_eval_results():
+    results = {
+        "zorble": {"alias": "zorble", "acc,none": 0.75, "acc_stderr,none": 0.05},
+        "hellaswag": {"acc,none": 0.3, "acc_stderr,none": "N/A", "acc_norm,none": 0.32, "acc_norm_stderr,none": 0.01},
+    }
+    assert flatten_scores(results) == {
+        "zorble/acc": 0.75,
+        "zorble/acc_stderr": 0.05,
+        "hellaswag/acc": 0.3,
+        "hellaswag/acc_norm": 0.32,
+        "hellaswag/acc_norm_stderr": 0.01,
+    }
+
+
+def test_flatten_scores_keeps_filter_names():
+    results = {
+        "gsm8k": {
+            "exact_match,strict-match": 0.25,
+            "exact_match,flexible-extract": 0.5,
+            "exact_match_stderr,flexible-extract": "N/A",
+        }
+    }
+    assert flatten_scores(results) == {
+        "gsm8k/exact_match_strict-match": 0.25,
+        "gsm8k/exact_match_flexible-extract": 0.5,
+    }
+
+
+@pytest.mark.parametrize("value", ["N/A", None, float("nan"), float("inf"), True, [0.5], "0.5"])
+def test_flatten_scores_drops_non_numbers(value):
+    assert flatten_scores({"t": {"acc,none": value, "f1,none": 1}}) == {"t/f1": 1.0}
+
+
+def test_flatten_scores_gives_floats_and_mlflow_safe_names():
+    scores = flatten_scores({"t": {"acc,none": 1, "samples": 10, "name": "t"}})
+    assert scores == {"t/acc": 1.0}
+    assert type(scores["t/acc"]) is float
+    assert not any("," in k for k in scores)
+
+
+def test_flatten_scores_empty():
+    assert flatten_scores({}) == {}
+    assert flatten_scores({"t": {}}) == {}
+
+
+def test_stderr_of_a_filtered_metric_is_where_the_leaderboard_looks():
+    scores = flatten_scores({"gsm8k": {"exact_match,strict-match": 0.25, "exact_match_stderr,strict-match": 0.04}})
+    metric = "gsm8k/exact_match_strict-match"
+    assert metric in scores
+    assert scores.get(f"{metric}_stderr") == 0.04  # leaderboard._row: metrics.get(f"{metric}_stderr")
+
+
+# --- local tasks -----------------------------------------------------------------------------------
+
+
+def test_include_dirs_puts_the_shipped_tasks_first(tmp_path):
+    dirs = include_dirs(["extra", str(tmp_path / "abs")], tmp_path)
+    assert dirs[0] == REPO / "evaluation" / "tasks"
+    assert dirs[1:] == [(tmp_path / "extra").resolve(), tmp_path / "abs"]
+
+
+def test_local_tasks_find_the_shipped_zorble_task(zorble_dir):
+    found = local_tasks(include_dirs([], REPO))
+    assert found["zorble"] == zorble_dir / "zorble.yaml"
+
+
+def test_task_specs_resolve_zorble_data_files_to_absolute_existing_paths():
+    specs = task_specs(["zorble"], include_dirs([], Path("/nonexistent")))
+    (spec,) = specs
+    assert isinstance(spec, dict)
+    assert spec["task"] == "zorble"
+    assert spec["output_type"] == "multiple_choice"
+    files = spec["dataset_kwargs"]["data_files"]
+    assert set(files) == {"test"}
+    path = Path(files["test"])
+    assert path.is_absolute() and path.exists()
+    assert path == REPO / "evaluation" / "tasks" / "zorble" / "test.jsonl"
+
+
+def test_task_specs_pass_builtin_names_through():
+    specs = task_specs(["hellaswag", "zorble", "arc_easy"], include_dirs([], REPO))
+    assert specs[0] == "hellaswag" and specs[2] == "arc_easy"
+    assert isinstance(specs[1], dict) and specs[1]["task"] == "zorble"
+
+
+def _write_task(folder: Path, name: str, data_files: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "rows.jsonl").write_text('{"q": "a", "label": 0}\n')
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:{data_files}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: ['x', 'y']\ndoc_to_target: label\n"
+    )
+
+
+def test_include_path_tasks_are_found_and_resolved_against_their_yaml(tmp_path):
+    _write_task(tmp_path / "mytasks" / "sub", "mytask", "\n    test: rows.jsonl")
+    (tmp_path / "mytasks" / "notes.yaml").write_text("just: notes\n")
+    (tmp_path / "mytasks" / "broken.yaml").write_text("task: [oops\n")
+    dirs = include_dirs(["mytasks"], tmp_path)
+    found = local_tasks(dirs)
+    assert set(found) == {"zorble", "mytask"}
+    (spec,) = task_specs(["mytask"], dirs)
+    assert spec["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "mytasks" / "sub" / "rows.jsonl")}
+
+
+def test_absolute_data_files_are_kept(tmp_path):
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_text("{}\n")
+    _write_task(tmp_path / "t", "abs_task", f"\n    test: {target}")
+    (spec,) = task_specs(["abs_task"], include_dirs([str(tmp_path / "t")], tmp_path))
+    assert spec["dataset_kwargs"]["data_files"] == {"test": str(target)}
+
+
+def test_string_data_files_are_resolved_against_the_yaml(tmp_path):
+    _write_task(tmp_path / "t", "str_task", " rows.jsonl")
+    (spec,) = task_specs(["str_task"], include_dirs([str(tmp_path / "t")], tmp_path))
+    assert spec["dataset_kwargs"]["data_files"] == str(tmp_path / "t" / "rows.jsonl")
