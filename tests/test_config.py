@@ -46,10 +46,13 @@ def test_quickstart_parses_with_its_values():
     assert (sweep.lora.r, sweep.lora.alpha, sweep.lora.dropout) == (16, 32, 0.05)
     assert sweep.lora.target_modules == "all-linear"
     assert sweep.training.learning_rate == pytest.approx(1e-3)
-    assert sweep.training.max_steps == 30 and sweep.training.eval_every == 10
-    assert sweep.search.num_trials == 6 and sweep.search.metric == "zorble/acc"
+    # ASHA's rungs must fall on validation reports, strictly before the last step.
+    assert sweep.training.max_steps % sweep.training.eval_every == 0
+    assert sweep.search.asha.grace_steps % sweep.training.eval_every == 0
+    assert sweep.search.asha.grace_steps < sweep.training.max_steps
+    assert sweep.search.num_trials >= 4 and sweep.search.metric == "zorble/acc"
     assert sweep.search.direction == "maximize"
-    assert (sweep.search.asha.grace_steps, sweep.search.asha.reduction_factor) == (10, 2)
+    assert {b["quantization.quant_type"] for b in sweep.search.baselines} == {"nf4", "fp4"}
     assert sweep.evaluation.tasks == ["zorble"]
     assert sweep.tracking.experiment == "quickstart"
     assert sweep.base_dir == QUICKSTART.parent.resolve()

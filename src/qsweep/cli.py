@@ -15,7 +15,8 @@ from rich.console import Console
 from qsweep.config import SweepConfig, SweepFileError, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperparameter sweeps.")
-console = Console()
+# Piped output (logs, CI) would otherwise be squeezed into 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -31,7 +32,7 @@ class Format(str, Enum):
 def fail(problems: list[str], source: str | None = None) -> None:
     errors.print(f"[bold red]{source or 'qsweep'}: {len(problems)} problem(s)[/]")
     for problem in problems:
-        errors.print(f"  - {problem}", markup=False, highlight=False)
+        errors.print(f"  - {problem}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -59,20 +60,24 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
     console.print(f"[green]{sweep_file}: valid[/] ({sweep.search.num_trials} trials of {sweep.model.name})")
 
 
-@app.command()
-def run(
-    sweep_file: Path = typer.Argument(..., help="sweep YAML, e.g. sweeps/quickstart.yaml"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
-) -> None:
-    """Validate, then run the sweep and print its leaderboard."""
+def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> None:
     from qsweep.leaderboard import build_leaderboard, to_table
+    from qsweep.state import output_folder, read_state
     from qsweep.sweep import run_sweep
 
     sweep, space = load_and_validate(sweep_file)
+    if must_resume and read_state(output_folder(sweep)) is None:
+        fail([f"output_dir: nothing to resume in {output_folder(sweep)}; start it with `qsweep run {sweep_file}`"],
+             str(sweep_file))
     console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials of {sweep.model.name}, "
                   f"ranked by {sweep.search.metric}")
-    summary = run_sweep(sweep, sweep_file, space, address=address)
+    try:
+        summary = run_sweep(sweep, sweep_file, space, address=address)
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
     console.print(f"finished {summary.finished}, stopped early {summary.stopped}, failed {summary.failed}")
+    if summary.gave_up:
+        errors.print(f"[bold red]{summary.gave_up}[/]")
     base = summary.baseline.get(sweep.search.metric)
     if base is not None:
         console.print(f"untuned base model: {sweep.search.metric} = {base:.4f}")
@@ -82,6 +87,24 @@ def run(
     console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}")
     if not summary.finished:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def run(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML, e.g. sweeps/quickstart.yaml"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+) -> None:
+    """Validate, then run the sweep (or resume it if it was interrupted) and print its leaderboard."""
+    run_or_resume(sweep_file, address, must_resume=False)
+
+
+@app.command()
+def resume(
+    sweep_file: Path = typer.Argument(..., help="the sweep YAML that was interrupted"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+) -> None:
+    """Continue an interrupted sweep: finished trials are kept, interrupted ones retried."""
+    run_or_resume(sweep_file, address, must_resume=True)
 
 
 @app.command()

@@ -63,6 +63,18 @@ class TrainingConfig(Strict):
     eval_every: int = Field(10, ge=1, description="steps between validation-loss reports (ASHA's rungs)")
 
 
+class LimitsConfig(Strict):
+    """What one trial may use; going over ends that trial alone, as its own failure."""
+
+    time_budget_s: float | None = Field(None, gt=0, description="a trial still running after this is ended as timed out")
+    max_loss_ratio: float | None = Field(
+        100.0, gt=1, description="a training loss above this multiple of the first logged one ends the trial as diverged"
+    )
+    memory_mb: float | None = Field(
+        None, gt=0, description="memory cap of the trial's process (GPU memory on CUDA); null = its own estimate"
+    )
+
+
 class EvaluationConfig(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["zorble"], min_length=1)
     num_fewshot: int = Field(0, ge=0)
@@ -109,6 +121,7 @@ class TrialConfig(Strict):
     lora: LoraConfig = Field(default_factory=LoraConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class SweepConfig(TrialConfig):
@@ -116,7 +129,7 @@ class SweepConfig(TrialConfig):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    output_dir: str = Field("runs", description="Ray Tune state and adapters go to OUTPUT_DIR/NAME")
+    output_dir: str = Field("runs", description="adapters and Ray Tune state go to OUTPUT_DIR/NAME (relative to the working directory)")
 
     # Where the file was read from: relative paths in the file are relative to it.
     base_dir: Path = Field(default=Path("."), exclude=True)
@@ -161,11 +174,13 @@ def describe_validation_error(error: ValidationError) -> list[str]:
             text = "unknown key; remove it or check its spelling"
         elif item["type"] == "missing":
             text = "required; add it"
+        elif item["type"] == "value_error":
+            text = item["msg"].removeprefix("Value error, ")
         else:
             text = f"{item['msg']} (got {item.get('input')!r})"
         if text not in by_field.setdefault(where, []):
             by_field[where].append(text)
-    return [f"{where}: {' or '.join(texts)}" for where, texts in by_field.items()]
+    return [f"{where}: {' or '.join(texts)}" if where else " or ".join(texts) for where, texts in by_field.items()]
 
 
 def read_yaml(path: Path) -> Any:

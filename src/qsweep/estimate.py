@@ -12,7 +12,8 @@ The peak of a training step is at the start of the backward pass: every activati
 forward pass is still held, and the loss's backward holds three fp32 [tokens x vocab] buffers
 (log-softmax output, its gradient, the gradient of the logits). With gradient checkpointing only
 each layer's input is held, and the peak is the larger of that loss moment and the backward of one
-recomputed layer. Optimizer state exists from step 2 on and is counted in full.
+recomputed layer. Optimizer state exists from step 2 on and is counted in full; so are the LoRA
+gradients, although at the loss moment they do not exist yet (a small, deliberate overestimate).
 
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
 bench/results/estimator_cpu.json); the GPU-only terms (CUDA context, bool dropout masks, bf16
@@ -52,12 +53,12 @@ OPT8_MIN_SIZE = 4096
 # because a trial that does not fit is worse than one GPU slot left idle.
 CUDA_CONTEXT_MIB = 550.0
 
-# On the CPU the fixed cost that grows during training besides tensors (autograd graph, Trainer
-# and dataloader objects, small tensors on the malloc heap, oneDNN scratch), measured as peak-RSS
-# growth minus torch-allocator growth over the configs of tests/test_estimate.py. The interpreter
-# and its imported libraries (about 550 MiB) are excluded, like the CUDA context is from
-# torch.cuda.max_memory_allocated.
-CPU_RUNTIME_MIB = 40.0
+# On the CPU, what grows during training besides tensors (autograd graph, Trainer and dataloader
+# objects, malloc bookkeeping, oneDNN scratch): peak-RSS growth minus torch-allocator growth was
+# 25-35 MiB for models of 8 to 30 layers (tests/test_estimate.py, SmolLM2-135M). The interpreter
+# and its libraries (~550 MiB before any model) are left out, as the CUDA context is left out of
+# torch.cuda.max_memory_allocated; they cost the same for every trial.
+CPU_RUNTIME_MIB = 32.0
 
 Device = Literal["cuda", "cpu"]
 
@@ -114,7 +115,9 @@ class ModelShape:
     """What the estimate needs from the architecture, read from a meta-device model."""
 
     quantized: tuple[_Linear, ...]  # the layers bitsandbytes turns into Linear4bit
-    linear_names: tuple[str, ...]  # every linear layer except the output head (LoRA candidates)
+    # Linear layers fed the very same tensor (q/k/v, gate/up) share an index; see _input_groups.
+    input_group: tuple[tuple[str, int], ...]
+    linears: tuple[_Linear, ...]  # every linear layer except the output head (LoRA candidates)
     unquantized_params: int  # elements, tied weights once
     buffer_bytes: int
     hidden: int
@@ -137,7 +140,7 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qsweep.targets import OUTPUT_HEADS
+    from qsweep.targets import MLP_PARENTS, OUTPUT_HEADS
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
@@ -148,23 +151,26 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
 
     quantized: list[_Linear] = []
     quantized_ids: set[int] = set()
-    linear_names: list[str] = []
+    linears: list[_Linear] = []
     for name, module in model.named_modules():
-        is_linear = type(module) is torch.nn.Linear or isinstance(module, Conv1D)
-        if not is_linear:
+        # targets.linear_module_names' test (LoRA candidates) is isinstance; bnb's is `type() is`.
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
+        # Conv1D stores its weight transposed: (in, out).
+        rows, cols = module.weight.shape
+        layer = _Linear(name, *((rows, cols) if isinstance(module, Conv1D) else (cols, rows)))
         if name.split(".")[-1] not in OUTPUT_HEADS:
-            linear_names.append(name)
-        if should_convert_module(name, skip):
-            # Conv1D stores its weight transposed: (in, out).
-            rows, cols = module.weight.shape
-            in_f, out_f = (rows, cols) if isinstance(module, Conv1D) else (cols, rows)
-            quantized.append(_Linear(name, in_f, out_f))
+            linears.append(layer)
+        if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
+            quantized.append(layer)
             quantized_ids.add(id(module.weight))
 
     # named_parameters() yields a tied weight once, so tied embeddings are counted once.
     unquantized = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+
+    names = [layer.name for layer in linears]
+    groups = _input_groups(model, names)
 
     hidden = config.hidden_size
     heads = config.num_attention_heads
@@ -173,12 +179,14 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     layers = config.num_hidden_layers
     # The MLP width from the layers themselves: configs spell it intermediate_size, n_inner (None
     # meaning 4 x hidden), ffn_dim...; a GLU MLP has two layers that widen to it (gate and up).
-    widths = [q.out_features for q in quantized if q.out_features > hidden and q.in_features == hidden]
+    in_mlp = [q for q in quantized if any(p in part for part in q.name.lower().split(".")[:-1] for p in MLP_PARENTS)]
+    widths = [q.out_features for q in in_mlp or quantized if q.out_features > hidden and q.in_features == hidden]
     intermediate = max(widths, default=4 * hidden)
     widening = sum(1 for w in widths if w == intermediate) / max(layers, 1)
     return ModelShape(
         quantized=tuple(quantized),
-        linear_names=tuple(linear_names),
+        input_group=tuple((name, groups[name]) for name in names),
+        linears=tuple(linears),
         unquantized_params=unquantized,
         buffer_bytes=buffer_bytes,
         hidden=hidden,
@@ -190,6 +198,41 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
         vocab=config.vocab_size,
         glu_mlp=widening >= 2,
     )
+
+
+def _input_groups(model, names: list[str]) -> dict[str, int]:
+    """Which linear layers read the same input tensor, from one forward pass on the meta device.
+
+    Without dropout a LoRA layer keeps its input as is, so layers reading the same tensor keep it
+    once; names cannot tell (Llama's o_proj has q_proj's shape and parent), the forward pass can.
+    If an architecture cannot run on the meta device, every layer counts alone (an overestimate)."""
+    import torch
+
+    wanted = set(names)
+    first_reader: dict[int, str] = {}
+    group: dict[str, int] = {}
+    keep: list = []  # holds the inputs so their ids are not reused during the pass
+
+    def record(name: str, inputs: tuple) -> None:
+        tensor = inputs[0]
+        keep.append(tensor)
+        owner = first_reader.setdefault(id(tensor), name)
+        group[name] = names.index(owner)
+
+    handles = [
+        module.register_forward_pre_hook(lambda _m, inputs, name=name: record(name, inputs))
+        for name, module in model.named_modules()
+        if name in wanted
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    except Exception:  # noqa: BLE001 - any failure just means no sharing is assumed
+        group = {}
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: group.get(name, index) for index, name in enumerate(names)}
 
 
 def quantized_bytes(numel: int, double_quant: bool) -> int:
@@ -228,7 +271,7 @@ def _dtype_bytes(compute_dtype: str, device: Device) -> int:
 
 def activation_bytes(
     shape: ModelShape,
-    lora_inputs: list[int],
+    lora_inputs: list[tuple[int, int]],
     r: int,
     dropout: float,
     batch: int,
@@ -239,7 +282,7 @@ def activation_bytes(
 ) -> int:
     """Peak bytes of saved activations plus the backward's transient buffers.
 
-    `lora_inputs` holds the in_features of every LoRA-wrapped layer (all decoder layers)."""
+    `lora_inputs` holds (in_features, input group) of every LoRA-wrapped layer, all layers."""
     tokens = batch * seq
     h, i, v = shape.hidden, shape.intermediate, shape.vocab
     res = 4  # fp32 residual stream: see the module docstring
@@ -252,9 +295,12 @@ def activation_bytes(
     # two norms keep their input and 1/rms per token;
     norms = 2 * (h * res + 4)
     # attention (fused SDPA) keeps q, k, v, output and the log-sum-exp per head. With a padding
-    # mask (the trial's collator pads each batch to its longest row) transformers repeats k/v to
-    # all heads, and SDPA keeps a float copy of the [seq x seq] mask in every layer;
-    attention = 4 * shape.heads * shape.head_dim * cast + shape.heads * 4 + seq * cast
+    # mask (the trial's collator pads each batch to its longest row, so any batch > 1 has one)
+    # transformers repeats k/v to all heads, and SDPA keeps a float copy of the [seq x seq] mask in
+    # every layer; a batch of one needs no mask and k/v keep their own (GQA) head count;
+    padded = batch > 1
+    kv = shape.heads if padded else shape.kv_heads
+    attention = (2 * shape.heads + 2 * kv) * shape.head_dim * cast + shape.heads * 4 + (seq * cast if padded else 0)
     # a GLU MLP keeps the gate output (for SiLU), SiLU's output and the up output (for the product);
     # a plain MLP keeps the first projection's output and what its activation function needs.
     mlp = (3 if shape.glu_mlp else 2) * i * res
@@ -263,27 +309,31 @@ def activation_bytes(
     # Every LoRA layer keeps its dropped-out input (for lora_A's gradient), the dropout mask (CUDA:
     # one byte; CPU dropout multiplies by a float noise tensor and keeps it) and lora_A's output.
     # Each wrapped layer has its own dropout, so q, k and v keep three copies of the same input.
+    # Without dropout, and without autocast making a copy per layer, they all keep the one input.
     mask = (1 if device == "cuda" else res) if dropout > 0 else 0
-    lora_total = sum(tokens * (n * (cast + mask) + r * cast) for n in lora_inputs)
+    copies_per_layer = dropout > 0 or cast < 4
+    kept_inputs = {(index, g) if copies_per_layer else g: n for index, (n, g) in enumerate(lora_inputs)}
+    lora_total = sum(tokens * n * cast for n in kept_inputs.values())
+    lora_total += sum(tokens * (n * mask + r * cast) for n, _ in lora_inputs)
 
-    # The loss: log-softmax output, the gradient arriving at it and the gradient it produces, all
-    # fp32 [tokens x vocab] (transformers upcasts logits before cross-entropy). For small models
-    # this is the single largest buffer of the step.
+    # The peak is the larger of two moments of the backward pass.
+    # 1. The loss's backward, first thing: log-softmax output, the gradient arriving at it and the
+    # gradient it produces, all fp32 [tokens x vocab] (transformers upcasts logits before
+    # cross-entropy), on top of everything saved. For small models this is the largest buffer.
     loss = 3 * tokens * v * 4
-    # Around the loss the final norm keeps its input; the 4-bit matmul dequantizes its weight into
-    # a temporary in the compute dtype, the largest layer's sets the workspace.
-    final_norm = tokens * (h * res + 4)
+    # 2. One layer's backward: gradients into and out of the layer, one MLP-wide gradient, and the
+    # 4-bit matmul's dequantized weight (a temporary in the compute dtype; the largest layer's).
     dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
-    # While one layer runs backward, gradients of its widest tensors (MLP intermediates) coexist.
-    layer_backward = tokens * 3 * i * res
+    layer_work = tokens * (2 * h + i) * res + dequant
+    final_norm = tokens * (h * res + 4)
 
     if not checkpointing:
-        held = shape.layers * base_per_layer + lora_total + final_norm
-        return held + max(loss, layer_backward) + dequant
-    # Checkpointing keeps each layer's input; one layer at a time is recomputed during backward.
+        return shape.layers * base_per_layer + lora_total + final_norm + max(loss, layer_work)
+    # Checkpointing keeps each layer's input; during backward one layer at a time is recomputed,
+    # and holds all it saves while its backward runs.
     inputs = shape.layers * tokens * h * res
     one_layer = base_per_layer + lora_total // max(shape.layers, 1)
-    return inputs + final_norm + max(loss, one_layer + layer_backward) + dequant
+    return inputs + final_norm + max(loss, one_layer + layer_work)
 
 
 def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
@@ -298,10 +348,11 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     quantized_count = sum(q.in_features * q.out_features for q in shape.quantized)
     unquantized = shape.unquantized_params * 4 + shape.buffer_bytes
 
-    targets = resolve_target_modules(lora.target_modules, list(shape.linear_names))
+    targets = resolve_target_modules(lora.target_modules, [layer.name for layer in shape.linears])
     wrapped = [
-        q for q in shape.quantized if any(q.name == t or q.name.endswith("." + t) for t in targets)
+        layer for layer in shape.linears if any(layer.name == t or layer.name.endswith("." + t) for t in targets)
     ]
+    group = dict(shape.input_group)
     # LoRA weights are fp32 (peft upcasts adapters), A is r x in and B is out x r.
     lora_tensors = [n for q in wrapped for n in (lora.r * q.in_features, lora.r * q.out_features)]
     lora_count = sum(lora_tensors)
@@ -311,7 +362,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
     activations = activation_bytes(
         shape,
-        [q.in_features for q in wrapped],
+        [(q.in_features, group[q.name]) for q in wrapped],
         lora.r,
         lora.dropout,
         training.batch_size,

@@ -101,21 +101,29 @@ def to_csv(board: Leaderboard) -> str:
 
 
 def to_table(board: Leaderboard) -> Any:
+    """Compact for a terminal: score ± stderr in one column, 3 significant digits."""
     from rich.table import Table
 
     baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
     table = Table(title=f"{board.experiment}: {board.metric} ({board.direction}){baseline}")
-    columns = list(board.rows[0]) if board.rows else ["run_id", board.metric]
+    columns = ["run", board.metric, *KEY_PARAMS, *MEASURES]
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(column, no_wrap=True)
     for row in board.rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
+        score = f"{row[board.metric]:.3f}" + (f" ± {row['stderr']:.3f}" if row["stderr"] is not None else "")
+        cells = [row["run_id"], score, *(_cell(row[c]) for c in KEY_PARAMS), *(_cell(row[c]) for c in MEASURES)]
+        table.add_row(*cells)
     return table
 
 
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(ch in value for ch in ".e") else value
+        except ValueError:
+            return value
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value)

@@ -1,7 +1,8 @@
 """Orchestration: Ray Tune runs the trials, Optuna suggests them, ASHA stops the losers.
 
-The driver owns MLflow (see tracking.py): a Tune callback turns each trial's start, progress,
-completion or error into its child run.
+A fresh sweep and a resumed one take the same path: Ray Tune restores its own experiment state
+(finished trials kept, in-flight ones restarted with their configs) and the Optuna study lives in
+its own storage in the output folder, so nothing here invents a checkpoint format.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ from typing import Any
 
 from qsweep import tracking
 from qsweep.config import SweepConfig, TrialConfig, dump_yaml
+from qsweep.mirror import OBJECTIVE, TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 from qsweep.resources import trial_resources
 from qsweep.space import DefineByRun, SearchSpace, apply_params
+from qsweep.state import SweepState, check_folder, fingerprint, output_folder, write_state
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "objective"
+RAY_DIR = "ray"
+# A sweep whose first trials all fail stops after this many failures instead of failing all night.
+GIVE_UP_AFTER_FAILURES = 3
 
 
 @dataclass
@@ -31,15 +36,27 @@ class SweepSummary:
     failed: int
     baseline: dict[str, float]
     best: dict[str, Any] | None
+    gave_up: str | None = None
 
 
 def objective_sign(direction: str) -> str:
     return "max" if direction == "maximize" else "min"
 
 
+def _log_to_file(path: Path) -> logging.Handler:
+    """The trial's own log: its last lines go to MLflow when the trial fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("qsweep", "transformers", "peft", "lm_eval"):
+        logging.getLogger(name).addHandler(handler)
+    logging.getLogger("qsweep").setLevel(logging.INFO)
+    return handler
+
+
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
                 metric: str, threads: int) -> None:
-    """The Ray Tune trainable: one trial in a Ray worker process."""
+    """The Ray Tune trainable: one trial in its own Ray worker process."""
     import torch
     from ray import tune
 
@@ -48,6 +65,8 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     torch.set_num_threads(max(1, threads))
     trial = apply_params(TrialConfig(**base), params)
     out_dir = Path(trials_root) / tune.get_context().get_trial_id()
+    _log_to_file(out_dir / TRIAL_LOG)
+    logger.info("config: %s", params)
     outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
     if metric not in outcome.scores:
         raise KeyError(f"search.metric {metric!r} is not among the scores: {sorted(outcome.scores)}")
@@ -82,7 +101,7 @@ def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> d
     ).scores
 
 
-def _final_metric_searcher() -> type:
+def _final_score_searcher() -> type:
     from ray.tune.search.optuna import OptunaSearch
 
     class FinalScoreOptunaSearch(OptunaSearch):
@@ -99,16 +118,18 @@ def _final_metric_searcher() -> type:
     return FinalScoreOptunaSearch
 
 
-def build_searcher(sweep: SweepConfig, space: SearchSpace, concurrency: int) -> Any:
+def build_searcher(sweep: SweepConfig, space: SearchSpace, concurrency: int, folder: Path) -> Any:
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
-    searcher = _final_metric_searcher()(
+    searcher = _final_score_searcher()(
         space=DefineByRun(space),
         metric=OBJECTIVE,
         mode=objective_sign(sweep.search.direction),
         points_to_evaluate=sweep.search.baselines or None,
         sampler=optuna.samplers.TPESampler(seed=sweep.search.sampler_seed, n_startup_trials=4),
+        study_name=sweep.name,
+        storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
     )
     return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
 
@@ -120,87 +141,9 @@ def build_scheduler(sweep: SweepConfig) -> Any:
     if not asha.enabled:
         return FIFOScheduler()
     return ASHAScheduler(
-        time_attr="step",
-        metric="eval_loss",
-        mode="min",
-        max_t=sweep.training.max_steps,
-        grace_period=asha.grace_steps,
-        reduction_factor=asha.reduction_factor,
+        time_attr="step", metric="eval_loss", mode="min", max_t=sweep.training.max_steps,
+        grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor,
     )
-
-
-def _mlflow_callback(sweep: SweepConfig, experiment_id: str, parent_run_id: str) -> Any:
-    from ray.tune import Callback
-
-    base = sweep.trial()
-    metric = sweep.search.metric
-
-    class MlflowTrials(Callback):
-        """Mirrors each Tune trial into a child MLflow run, written from the driver only."""
-
-        def __init__(self) -> None:
-            self.client = tracking.client(sweep.tracking.uri)
-            self.runs: dict[str, str] = {}
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            resolved = apply_params(base, trial.config).model_dump(mode="json")
-            run_id = tracking.start_run(
-                self.client, experiment_id, f"{sweep.name}-{trial.trial_id}",
-                {"mlflow.parentRunId": parent_run_id, "qsweep.kind": "trial", "qsweep.sweep": sweep.name,
-                 "qsweep.trial_id": trial.trial_id, "qsweep.metric": metric},
-            )
-            self.runs[trial.trial_id] = run_id
-            tracking.log_batch(self.client, run_id, params={**tracking.flatten(resolved),
-                                                            **{f"search.{k}": v for k, v in trial.config.items()}})
-            tracking.log_dict(self.client, run_id, resolved, "config.json")
-            logger.info("trial %s started: %s", trial.trial_id, trial.config)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            run_id = self.runs[trial.trial_id]
-            if OBJECTIVE in result:
-                self._log_final(run_id, result)
-            else:
-                tracking.log_batch(self.client, run_id, metrics={"eval_loss": result["eval_loss"]},
-                                   step=int(result["step"]))
-
-        def _log_final(self, run_id: str, result: dict) -> None:
-            out_dir = Path(result["out_dir"])
-            provenance = result["provenance"]
-            tracking.log_batch(
-                self.client, run_id,
-                params={f"provenance.{k}": v for k, v in tracking.flatten(provenance).items()},
-                metrics={**result["scores"], **result["measures"], "eval_loss": result["eval_loss"]},
-                step=int(result["step"]),
-            )
-            tracking.log_files(
-                self.client, run_id,
-                files=[out_dir / "config.yaml", out_dir / "lm_eval_results.json", out_dir / "lm_eval_samples.jsonl"],
-                folders={"adapter": out_dir / "adapter"},
-            )
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            run_id = self.runs[trial.trial_id]
-            if OBJECTIVE in trial.last_result:
-                self.client.set_tag(run_id, "qsweep.outcome", "finished")
-                tracking.end_run(self.client, run_id, "FINISHED")
-                logger.info("trial %s finished: %s = %.4f", trial.trial_id, metric, trial.last_result[OBJECTIVE])
-            else:
-                self.client.set_tag(run_id, "qsweep.outcome", "stopped")
-                step = trial.last_result.get("step")
-                tracking.end_run(self.client, run_id, "KILLED", f"stopped early by ASHA at step {step}")
-                logger.info("trial %s stopped early by ASHA at step %s", trial.trial_id, step)
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            run_id = self.runs.get(trial.trial_id)
-            if run_id is None:
-                return
-            error = trial.get_error()
-            reason = str(error) if error else "the trial process failed"
-            self.client.set_tag(run_id, "qsweep.outcome", "failed")
-            tracking.end_run(self.client, run_id, "FAILED", reason)
-            logger.warning("trial %s failed: %s", trial.trial_id, reason.strip().splitlines()[-1])
-
-    return MlflowTrials()
 
 
 def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -> str:
@@ -216,50 +159,6 @@ def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -
     return run_id
 
 
-def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address: str | None = None) -> SweepSummary:
-    import ray
-    from ray import tune
-
-    # Intermediate results carry only validation loss; the objective arrives with the final one.
-    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    experiment_id = tracking.ensure_experiment(sweep.tracking.uri, sweep.tracking.experiment)
-    parent_run_id = start_parent_run(sweep, sweep_file, experiment_id)
-    storage = (Path(sweep.resolve_path(sweep.output_dir)) / sweep.name).resolve()
-    trials_root = storage / "trials"
-    trials_root.mkdir(parents=True, exist_ok=True)
-
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
-    resources = trial_resources(sweep)
-    base = sweep.trial().model_dump(mode="json")
-    threads = max(1, int(resources.get("cpu", 1)))
-    baseline_ref = ray.remote(score_baseline).options(num_cpus=resources.get("cpu", 1),
-                                                       num_gpus=resources.get("gpu", 0)).remote(
-        base, str(sweep.base_dir), threads)
-
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, base=base, base_dir=str(sweep.base_dir), trials_root=str(trials_root),
-                             metric=sweep.search.metric, threads=threads),
-        resources,
-    )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=build_searcher(sweep, space, concurrency_limit(sweep, resources)),
-            scheduler=build_scheduler(sweep),
-            num_samples=sweep.search.num_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=sweep.name, storage_path=str(storage.parent / ".ray"), verbose=0,
-            callbacks=[_mlflow_callback(sweep, experiment_id, parent_run_id)],
-        ),
-    )
-    grid = tuner.fit()
-    baseline = ray.get(baseline_ref)
-    return finish_parent_run(sweep, experiment_id, parent_run_id, grid, baseline)
-
-
 def concurrency_limit(sweep: SweepConfig, resources: dict[str, float]) -> int:
     import ray
 
@@ -272,10 +171,92 @@ def concurrency_limit(sweep: SweepConfig, resources: dict[str, float]) -> int:
     return max(1, int(min(slots)))
 
 
-def finish_parent_run(sweep: SweepConfig, experiment_id: str, parent_run_id: str, grid: Any,
-                      baseline: dict[str, float]) -> SweepSummary:
+def _trainable(sweep: SweepConfig, trials_root: Path, resources: dict[str, float]) -> Any:
+    from ray import tune
+
+    return tune.with_resources(
+        tune.with_parameters(
+            train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
+            trials_root=str(trials_root), metric=sweep.search.metric, threads=max(1, int(resources.get("cpu", 1))),
+        ),
+        resources,
+    )
+
+
+def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState,
+               resources: dict[str, float]) -> Any:
+    from ray import tune
+
+    health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
+    mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
+    return tune.Tuner(
+        _trainable(sweep, folder / "trials", resources),
+        tune_config=tune.TuneConfig(
+            search_alg=build_searcher(sweep, space, concurrency_limit(sweep, resources), folder),
+            scheduler=build_scheduler(sweep),
+            num_samples=sweep.search.num_trials,
+            # A fresh process per trial: its peak memory is its own, and a crash takes nobody else.
+            reuse_actors=False,
+        ),
+        run_config=tune.RunConfig(
+            name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror],
+            stop=AllFailingStopper(health),
+        ),
+    )
+
+
+def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address: str | None = None) -> SweepSummary:
+    """Runs the sweep, or resumes it when its output folder already holds its state."""
+    import ray
+    from ray import tune
+
+    # Intermediate results carry only validation loss; the objective arrives with the final one.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Snapshot Ray's experiment state after every step, so a killed driver loses no finished trial.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    folder = output_folder(sweep)
+    state = check_folder(sweep, str(sweep_file))
+    resuming = state is not None and tune.Tuner.can_restore(str(folder / RAY_DIR))
+    if state is None:
+        experiment_id = tracking.ensure_experiment(sweep.tracking.uri, sweep.tracking.experiment)
+        state = SweepState(fingerprint(sweep), experiment_id, start_parent_run(sweep, sweep_file, experiment_id),
+                           sweep.tracking.uri)
+        write_state(folder, state)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+    resources = trial_resources(sweep)
+    baseline_ref = _start_baseline(sweep, state, resources)
+    if resuming:
+        logger.info("resuming sweep %s from %s", sweep.name, folder)
+        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", resources),
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+    else:
+        tuner = _new_tuner(sweep, space, folder, state, resources)
+    grid = tuner.fit()
+    baseline = ray.get(baseline_ref) if baseline_ref is not None else _logged_baseline(sweep, state)
+    return finish_parent_run(sweep, state, grid, baseline)
+
+
+def _start_baseline(sweep: SweepConfig, state: SweepState, resources: dict[str, float]) -> Any:
+    """Scores the untuned base in parallel with the trials, once per sweep (not again on resume)."""
+    import ray
+
+    if _logged_baseline(sweep, state):
+        return None
+    remote = ray.remote(score_baseline).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    return remote.remote(sweep.trial().model_dump(mode="json"), str(sweep.base_dir),
+                         max(1, int(resources.get("cpu", 1))))
+
+
+def _logged_baseline(sweep: SweepConfig, state: SweepState) -> dict[str, float]:
+    metrics = tracking.client(sweep.tracking.uri).get_run(state.parent_run_id).data.metrics
+    return {k.removeprefix("baseline/"): v for k, v in metrics.items() if k.startswith("baseline/")}
+
+
+def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float]) -> SweepSummary:
     mlflow_client = tracking.client(sweep.tracking.uri)
-    results = [r for r in grid]
+    results = list(grid)
     finished = [r for r in results if r.error is None and r.metrics and OBJECTIVE in r.metrics]
     failed = [r for r in results if r.error is not None]
     stopped = len(results) - len(finished) - len(failed)
@@ -284,11 +265,16 @@ def finish_parent_run(sweep: SweepConfig, experiment_id: str, parent_run_id: str
         pick = max if sweep.search.direction == "maximize" else min
         top = pick(finished, key=lambda r: r.metrics[OBJECTIVE])
         best = {"trial_id": top.metrics["trial_id"], "config": top.config, OBJECTIVE: top.metrics[OBJECTIVE]}
+    gave_up = None
+    if not finished and len(failed) >= min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials):
+        last = str(failed[-1].error).strip().splitlines()[-1] if failed else ""
+        gave_up = f"the first {len(failed)} trials all failed, so the sweep stopped; last error: {last}"
     summary_metrics = {f"baseline/{k}": v for k, v in baseline.items()}
     summary_metrics.update({"trials_finished": len(finished), "trials_stopped": stopped, "trials_failed": len(failed)})
     if best:
         summary_metrics[f"best/{sweep.search.metric}"] = best[OBJECTIVE]
-    tracking.log_batch(mlflow_client, parent_run_id, metrics=summary_metrics)
-    tracking.end_run(mlflow_client, parent_run_id, "FINISHED" if finished else "FAILED",
-                     None if finished else "no trial finished")
-    return SweepSummary(experiment_id, parent_run_id, len(finished), stopped, len(failed), baseline, best)
+    tracking.log_batch(mlflow_client, state.parent_run_id, metrics=summary_metrics)
+    tracking.end_run(mlflow_client, state.parent_run_id, "FINISHED" if finished else "FAILED",
+                     gave_up or (None if finished else "no trial finished"))
+    return SweepSummary(state.experiment_id, state.parent_run_id, len(finished), stopped, len(failed), baseline,
+                        best, gave_up)

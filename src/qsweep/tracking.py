@@ -22,10 +22,41 @@ MAX_PARAM_LENGTH = 6000
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
-def client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
+LOCK_RETRIES = 8
 
-    return MlflowClient(tracking_uri=uri)
+
+class RetryingClient:
+    """An MlflowClient whose calls retry while a sqlite store is locked by another writer.
+
+    The driver is the only writer of a sweep, but a second sweep or a `qsweep` command on the same
+    sqlite file can still hold the lock past sqlite's busy timeout; a dropped write would be a lost
+    param or metric, so the call waits and tries again instead.
+    """
+
+    def __init__(self, uri: str):
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=uri)
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        if not callable(method):
+            return method
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(LOCK_RETRIES):
+                try:
+                    return method(*args, **kwargs)
+                except Exception as exc:
+                    if "database is locked" not in str(exc) or attempt == LOCK_RETRIES - 1:
+                        raise
+                    time.sleep(0.2 * 2**attempt)
+
+        return call
+
+
+def client(uri: str) -> Any:
+    return RetryingClient(uri)
 
 
 def ensure_experiment(uri: str, name: str) -> str:

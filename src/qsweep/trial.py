@@ -31,6 +31,34 @@ class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
+class TrialTimeout(RuntimeError):
+    """The trial ran past limits.time_budget_s."""
+
+
+def check_budget(started: float, budget: float | None, where: str) -> None:
+    elapsed = time.perf_counter() - started
+    if budget is not None and elapsed > budget:
+        raise TrialTimeout(f"ran {elapsed:.1f} s, over limits.time_budget_s = {budget:g} s ({where})")
+
+
+def cap_memory(memory_mb: float | None) -> None:
+    """Caps this process so an overrun is this trial's own out-of-memory error, never a neighbour's.
+
+    On CUDA the cap is torch's per-process fraction of the card; on a CPU it is the process's data
+    segment limit (RLIMIT_DATA) above what it already uses, which makes a too-large allocation
+    fail with "can't allocate memory" instead of waking the kernel's OOM killer.
+    """
+    if memory_mb is None:
+        return
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_mb * 2**20 / total))
+        return
+    in_use = int(Path("/proc/self/statm").read_text().split()[5]) * resource.getpagesize()
+    limit = in_use + int(memory_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+
+
 @dataclass
 class TrialOutcome:
     scores: dict[str, float]
@@ -153,22 +181,37 @@ def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: t
     )
 
 
-def _progress_callback(report: Reporter, curve: list[dict[str, float]]) -> Any:
-    """Sends each validation loss out (ASHA's signal) and stops on a diverged loss."""
+def check_loss(loss: float, first: float | None, max_ratio: float | None, step: int) -> None:
+    if not math.isfinite(loss):
+        raise TrialDiverged(f"training loss became {loss} at step {step}")
+    if first is not None and max_ratio is not None and loss > max_ratio * first:
+        raise TrialDiverged(
+            f"training loss exploded to {loss:.4g} at step {step}, over limits.max_loss_ratio = {max_ratio:g} "
+            f"times the first logged loss {first:.4g}"
+        )
+
+
+def _progress_callback(report: Reporter, curve: list[dict[str, float]], started: float, limits: Any) -> Any:
+    """Sends each validation loss out (ASHA's signal); stops on a diverged loss or an overrun."""
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            check_budget(started, limits.time_budget_s, f"at step {state.global_step}")
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             loss = (logs or {}).get("loss")
-            if loss is not None and not math.isfinite(loss):
-                raise TrialDiverged(f"training loss became {loss} at step {state.global_step}")
             if loss is not None:
+                first = next((p["train_loss"] for p in curve if "train_loss" in p), None)
+                check_loss(loss, first, limits.max_loss_ratio, state.global_step)
+                logger.info("step %d: train loss %.4f", state.global_step, loss)
                 curve.append({"step": state.global_step, "train_loss": float(loss)})
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             eval_loss = float((metrics or {}).get("eval_loss", math.nan))
             if not math.isfinite(eval_loss):
                 raise TrialDiverged(f"validation loss became {eval_loss} at step {state.global_step}")
+            logger.info("step %d: validation loss %.4f", state.global_step, eval_loss)
             curve.append({"step": state.global_step, "eval_loss": eval_loss})
             # The last step's loss goes out with the final scores: reported alone, it would reach
             # ASHA's max_t and end the trial before it is scored.
@@ -196,6 +239,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    cap_memory(trial.limits.memory_mb)
     set_seed(trial.training.seed)
     model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
     targets = resolve_target_modules(
@@ -220,7 +264,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_progress_callback(report, curve)],
+        callbacks=[_progress_callback(report, curve, started, trial.limits)],
     )
     train_started = time.perf_counter()
     train_output = trainer.train()
@@ -230,6 +274,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
 
+    check_budget(started, trial.limits.time_budget_s, "after training, before scoring")
     eval_started = time.perf_counter()
     model.eval()
     evaluation = trial.evaluation
