@@ -109,13 +109,83 @@ def test_leaderboard_json_is_ranked(finished_sweep):
 
 
 def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
-    from qsweep.evaluate import evaluate_model, include_dirs
+    from qsweep.evaluate import score
     from qsweep.replay import fetch_logged_trial, load_trained
 
     for run in _trial_runs(finished_sweep["uri"]):
         logged = fetch_logged_trial(finished_sweep["uri"], run.info.run_id)
         model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, Path("."))
-        evaluation = logged.trial.evaluation
-        scores = evaluate_model(model, tokenizer, evaluation.tasks, include_dirs([], Path(".")),
-                                limit=evaluation.limit, batch_size=evaluation.batch_size).scores
+        scores = score(model, tokenizer, logged.trial.evaluation, Path(".")).scores
         assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)
+
+
+def _best_run_id(finished_sweep) -> str:
+    runs = sorted(_trial_runs(finished_sweep["uri"]), key=lambda r: -r.data.metrics["zorble/acc"])
+    return runs[0].info.run_id
+
+
+def test_show_prints_a_sweep_file_that_validates_and_names_the_config(finished_sweep, tmp_path):
+    run_id = _best_run_id(finished_sweep)
+    result = CliRunner().invoke(app, ["show", run_id, "--tracking-uri", finished_sweep["uri"]])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    logged = [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0]
+    assert shown["lora"]["r"] == int(logged.data.params["lora.r"])
+    assert shown["quantization"]["quant_type"] == logged.data.params["quantization.quant_type"]
+    assert shown["search"]["num_trials"] == 1 and shown["search"]["space"] is None
+    assert f"zorble/acc = {logged.data.metrics['zorble/acc']:.6g}" in result.output
+    path = tmp_path / "rerun.yaml"
+    path.write_text(result.output)
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+
+
+def test_promote_then_load_by_alias_gives_the_same_adapter(finished_sweep, tmp_path):
+    import hashlib
+
+    import mlflow
+
+    run_id = _best_run_id(finished_sweep)
+    result = CliRunner().invoke(app, ["promote", run_id, "--alias", "production",
+                                      "--tracking-uri", finished_sweep["uri"]])
+    assert result.exit_code == 0, result.output
+    name = result.output.split("models:/")[1].split("@")[0]
+    mlflow.set_tracking_uri(finished_sweep["uri"])
+    from_registry = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@production", dst_path=str(tmp_path / "r")))
+    from_run = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
+                                                        dst_path=str(tmp_path / "a")))
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()}
+
+    assert digest(from_registry) == digest(from_run)
+    version = mlflow.MlflowClient().get_model_version_by_alias(name, "production")
+    assert version.run_id == run_id
+    assert version.tags["quant_type"] in ("nf4", "fp4") and len(version.tags["base_model_hash"]) == 64
+    assert float(version.tags["score.zorble/acc"]) == pytest.approx(
+        [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0].data.metrics["zorble/acc"],
+        abs=1e-5)
+    reserved = CliRunner().invoke(app, ["promote", run_id, "--alias", "latest", "--tracking-uri", finished_sweep["uri"]])
+    assert reserved.exit_code == 2
+
+
+def test_export_scores_the_same_under_lm_evals_own_cli(finished_sweep, tmp_path):
+    import subprocess
+    import sys
+
+    run_id = _best_run_id(finished_sweep)
+    dest = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", run_id, str(dest), "--tracking-uri", finished_sweep["uri"]])
+    assert result.exit_code == 0, result.output
+    assert {"base", "adapter", "tasks", "README.md", "config.yaml"} <= {p.name for p in dest.iterdir()}
+    assert CliRunner().invoke(app, ["export", run_id, str(dest), "--tracking-uri", finished_sweep["uri"]]).exit_code == 2
+    logged = [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0]
+    out = tmp_path / "lm_eval_out"
+    subprocess.run(
+        [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf",
+         "--model_args", f"pretrained={dest / 'base'},peft={dest / 'adapter'}", "--include_path", str(dest / "tasks"),
+         "--tasks", "zorble", "--limit", logged.data.params["evaluation.limit"], "--device", "cpu",
+         "--batch_size", "8", "--output_path", str(out)],
+        check=True, capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    results = json.loads(next(out.rglob("results*.json")).read_text())
+    assert results["results"]["zorble"]["acc,none"] == pytest.approx(logged.data.metrics["zorble/acc"], abs=1e-9)

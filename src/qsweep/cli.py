@@ -16,17 +16,19 @@ from qsweep.config import SweepConfig, SweepFileError, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperparameter sweeps.")
 # Piped output (logs, CI) would otherwise be squeezed into 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 class Format(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
+    markdown = "markdown"
 
 
 def fail(problems: list[str], source: str | None = None) -> None:
@@ -83,6 +85,10 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
         console.print(f"untuned base model: {sweep.search.metric} = {base:.4f}")
     if summary.best:
         console.print(f"best trial {summary.best['trial_id']}: {sweep.search.metric} = {summary.best['objective']:.4f}")
+    if summary.final:
+        verdict = "agrees" if summary.final["agree"] else "disagrees"
+        console.print(f"final stage (top {sweep.evaluation.final.top_k} re-scored) {verdict} with the cheap stage "
+                      f"on the winner: run {summary.final['final_winner']}")
         console.print(to_table(build_leaderboard(sweep.tracking.uri, sweep.tracking.experiment, top=10)))
     console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}")
     if not summary.finished:
@@ -112,24 +118,30 @@ def leaderboard(
     experiment: Optional[str] = typer.Option(None, help="MLflow experiment (default: the latest sweep's)"),
     metric: Optional[str] = typer.Option(None, help="TASK/METRIC to rank by (default: the sweep's metric)"),
     top: int = typer.Option(10, min=1, help="rows to show"),
-    format: Format = typer.Option(Format.table, "--format", help="table, json or csv"),
+    where: list[str] = typer.Option([], "--where", help="param filter, e.g. quant=nf4 or lora.r!=8 (repeatable)"),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="only this sweep's trials"),
+    pareto: bool = typer.Option(False, "--pareto", help="only the score / peak-memory / train-time front"),
+    format: Format = typer.Option(Format.table, "--format", help="table, json, csv or markdown"),
     tracking_uri: str = typer.Option(
         os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
     ),
 ) -> None:
     """Best finished trials first, with their key params and scores."""
-    from qsweep.leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_table
+    from qsweep.leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown, to_table
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         fail([f"--tracking-uri: {tracking_uri} does not exist here; run a sweep first or pass --tracking-uri"])
     try:
-        board = build_leaderboard(tracking_uri, experiment, metric, top)
+        board = build_leaderboard(tracking_uri, experiment, metric, top, where=where, sweep=sweep)
     except LeaderboardError as exc:
         fail([str(exc)])
+    if pareto:
+        board.rows = [row for row in board.rows if row["pareto"]]
     if format is Format.table:
         console.print(to_table(board))
     else:
-        sys.stdout.write(to_json(board) + "\n" if format is Format.json else to_csv(board))
+        writers = {Format.json: lambda b: to_json(b) + "\n", Format.csv: to_csv, Format.markdown: to_markdown}
+        sys.stdout.write(writers[format](board))
 
 
 @app.command()
@@ -142,7 +154,7 @@ def reproduce(
     """Reload a trial's adapter onto its logged base and quantization, re-score it, compare."""
     from rich.table import Table
 
-    from qsweep.evaluate import evaluate_model, include_dirs
+    from qsweep.evaluate import score
     from qsweep.replay import ProvenanceError, fetch_logged_trial, load_trained
 
     try:
@@ -151,10 +163,7 @@ def reproduce(
         model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, base_dir)
     except ProvenanceError as exc:
         fail([str(exc)])
-    evaluation = logged.trial.evaluation
-    scores = evaluate_model(model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
-                            num_fewshot=evaluation.num_fewshot, limit=evaluation.limit,
-                            batch_size=evaluation.batch_size).scores
+    scores = score(model, tokenizer, logged.trial.evaluation, base_dir).scores
     table = Table(title=f"run {run_id}: logged vs reproduced")
     for column in ("metric", "logged", "reproduced"):
         table.add_column(column)
@@ -162,3 +171,67 @@ def reproduce(
         logged_value = logged.metrics.get(name)
         table.add_row(name, "-" if logged_value is None else f"{logged_value:.4f}", f"{value:.4f}")
     console.print(table)
+
+
+TRACKING_OPTION = typer.Option(
+    os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+)
+
+
+def _fetch(tracking_uri: str, run_id: str, with_adapter: bool = True):
+    from qsweep.replay import ProvenanceError, fetch_logged_trial
+
+    try:
+        return fetch_logged_trial(tracking_uri, run_id, with_adapter=with_adapter)
+    except ProvenanceError as exc:
+        fail([str(exc)])
+
+
+@app.command()
+def show(run_id: str = typer.Argument(..., help="a finished trial's MLflow run id"),
+         tracking_uri: str = TRACKING_OPTION) -> None:
+    """Print a trial's full config and scores as a single-trial sweep file (`qsweep run` re-trains it)."""
+    from qsweep.publish import single_trial_sweep
+    from qsweep.tracking import client
+
+    logged = _fetch(tracking_uri, run_id, with_adapter=False)
+    tags = client(tracking_uri).get_run(run_id).data.tags
+    sys.stdout.write(single_trial_sweep(logged, tags.get("qsweep.sweep", "trial"), tags.get("qsweep.metric", ""),
+                                        "maximize", tracking_uri))
+
+
+@app.command()
+def promote(run_id: str = typer.Argument(..., help="a finished trial's MLflow run id"),
+            alias: str = typer.Option("production", help="registry alias to point at this version"),
+            tracking_uri: str = TRACKING_OPTION) -> None:
+    """Register the trial's adapter in the MLflow Model Registry and set the alias."""
+    from qsweep.publish import PublishError, promote as register
+
+    logged = _fetch(tracking_uri, run_id)
+    try:
+        name, version = register(tracking_uri, logged, alias)
+    except PublishError as exc:
+        fail([str(exc)])
+    console.print(f"registered [bold]{name}[/] version {version}, alias {alias}: models:/{name}@{alias}")
+
+
+@app.command()
+def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run id"),
+           dest: Path = typer.Argument(..., help="an empty or new folder"),
+           tracking_uri: str = TRACKING_OPTION) -> None:
+    """Write base/ + adapter/ + README card: loads with PeftModel and with lm-eval's peft= as-is."""
+    from qsweep.models import resolve_model
+    from qsweep.publish import PublishError, export as write_export
+    from qsweep.replay import ProvenanceError, check_base
+    from qsweep.trial import load_base
+
+    logged = _fetch(tracking_uri, run_id)
+    base_dir = Path(logged.provenance.get("base_dir", "."))
+    model_info = resolve_model(logged.trial.model.name, logged.trial.model.revision, base_dir)
+    try:
+        check_base(model_info.content_hash, logged.provenance)
+        model, tokenizer = load_base(model_info.path, logged.trial.quantization, logged.trial.model.trust_remote_code)
+        write_export(logged, model, tokenizer, dest)
+    except (PublishError, ProvenanceError) as exc:
+        fail([str(exc)])
+    console.print(f"exported to {dest}: base/ (4-bit), adapter/, tasks/, README.md")

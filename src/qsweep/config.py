@@ -75,20 +75,39 @@ class LimitsConfig(Strict):
     )
 
 
+class FinalStageConfig(Strict):
+    """After the search, the best trials by the cheap score are scored again on more items."""
+
+    top_k: int = Field(3, ge=1)
+    limit: int | None = Field(None, ge=1, description="items per task in the final stage; null = every item")
+
+
 class EvaluationConfig(Strict):
     tasks: list[str] = Field(default_factory=lambda: ["zorble"], min_length=1)
     num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1, description="score only the first N items of each task")
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(
+        None, ge=1, description="score a seeded random subset of N items per task (the same for every trial)"
+    )
+    subset_seed: int = 0
+    batch_size: int | Literal["auto"] = Field("auto", description="auto = sized from free memory")
     include_path: list[str] = Field(
         default_factory=list, description="extra folders of lm-eval task YAMLs (the shipped ones are always included)"
     )
+    final: FinalStageConfig | None = Field(None, description="re-score the top trials on more items at the end")
 
 
 class AshaConfig(Strict):
     enabled: bool = True
     grace_steps: int = Field(10, ge=1)
     reduction_factor: float = Field(2, gt=1)
+    min_trials_per_rung: int = Field(
+        3, ge=1, description="the first N trials to reach each rung always continue (1 = Ray's plain ASHA)"
+    )
+
+
+class Tradeoff(Strict):
+    metric: Literal["peak_memory_mb", "train_seconds", "wall_seconds", "tokens_per_second"]
+    direction: Literal["maximize", "minimize"] = "minimize"
 
 
 class SearchConfig(Strict):
@@ -96,10 +115,33 @@ class SearchConfig(Strict):
     num_trials: int = Field(8, ge=1)
     max_concurrent: int | None = Field(None, ge=1)
     sampler_seed: int = 0
-    metric: str = Field("zorble/acc", description="TASK/METRIC as lm-eval reports it")
+    metric: str = Field("zorble/acc", description="TASK/METRIC as lm-eval reports it, or `objective` with weights")
     direction: Literal["maximize", "minimize"] = "maximize"
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="TASK/METRIC: weight; the objective is their weighted mean (negative weight = lower is better)",
+    )
+    tradeoffs: list[Tradeoff] = Field(
+        default_factory=list, description="more objectives (e.g. peak_memory_mb) for a multi-objective search"
+    )
     baselines: list[dict[str, Any]] = Field(default_factory=list, description="search-space points tried first")
     asha: AshaConfig = Field(default_factory=AshaConfig)
+
+    @model_validator(mode="after")
+    def _weights_rank_by_objective(self) -> "SearchConfig":
+        if not self.weights:
+            return self
+        # A bare task name means its accuracy, as in `weights: {mmlu: 0.7, arc_easy: 0.3}`.
+        self.__dict__["weights"] = {(k if "/" in k else f"{k}/acc"): v for k, v in self.weights.items()}
+        if "metric" not in self.model_fields_set:
+            self.__dict__["metric"] = "objective"
+        if self.metric != "objective":
+            raise ValueError("with search.weights the trials are ranked by their weighted mean: set metric: objective")
+        if self.direction != "maximize":
+            raise ValueError("with search.weights the objective is maximized; give lower-is-better metrics a negative weight")
+        if not any(self.weights.values()):
+            raise ValueError("search.weights are all zero")
+        return self
 
 
 class TrackingConfig(Strict):

@@ -16,8 +16,9 @@ recomputed layer. Optimizer state exists from step 2 on and is counted in full; 
 gradients, although at the loss moment they do not exist yet (a small, deliberate overestimate).
 
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
-bench/results/estimator_cpu.json); the GPU-only terms (CUDA context, bool dropout masks, bf16
-autocast copies) follow the same code paths but are not measured here.
+bench/results/estimator_cpu.json: within 5% of the allocator peak). The bf16-autocast dtypes were
+checked by running the forward pass under CPU autocast and summing what autograd saves per layer;
+the CUDA-only terms (context, one-byte dropout masks, paged optimizer state) are not measured.
 """
 
 from __future__ import annotations
@@ -49,15 +50,15 @@ OPT8_BLOCK = 256
 OPT8_MIN_SIZE = 4096
 
 # What a CUDA process holds before its first tensor: driver context, kernels loaded lazily, cuBLAS
-# workspace. Measured figures for torch 2.x on A100/H100 are 400-550 MiB; the high end is used
-# because a trial that does not fit is worse than one GPU slot left idle.
+# workspace. Commonly reported figures for torch 2.x on A100/H100 are 400-550 MiB (not measured
+# here yet); the high end is used because a trial that does not fit costs more than an idle slot.
 CUDA_CONTEXT_MIB = 550.0
 
 # On the CPU, what grows during training besides tensors (autograd graph, Trainer and dataloader
 # objects, malloc bookkeeping, oneDNN scratch): peak-RSS growth minus torch-allocator growth was
-# 25-35 MiB for models of 8 to 30 layers (tests/test_estimate.py, SmolLM2-135M). The interpreter
-# and its libraries (~550 MiB before any model) are left out, as the CUDA context is left out of
-# torch.cuda.max_memory_allocated; they cost the same for every trial.
+# 25-35 MiB for models of 8 to 30 layers (tests/test_estimate.py, SmolLM2-135M). Not included: the
+# interpreter and its libraries, ~550 MiB of RSS before any model is loaded and the same for every
+# trial; add them when sizing a CPU worker's memory.
 CPU_RUNTIME_MIB = 32.0
 
 Device = Literal["cuda", "cpu"]
@@ -85,7 +86,8 @@ class MemoryEstimate(BaseModel):
 
     @property
     def tensors(self) -> float:
-        """The tensor part: what torch.cuda.max_memory_allocated (or the CPU allocator) reports."""
+        """The tensor part, comparable with torch.cuda.max_memory_allocated (or the CPU allocator's
+        peak). Paged optimizer state lives in CUDA managed memory, which that counter leaves out."""
         return self.total - self.runtime_overhead
 
     def format(self, title: str = "") -> str:
@@ -117,7 +119,7 @@ class ModelShape:
     quantized: tuple[_Linear, ...]  # the layers bitsandbytes turns into Linear4bit
     # Linear layers fed the very same tensor (q/k/v, gate/up) share an index; see _input_groups.
     input_group: tuple[tuple[str, int], ...]
-    linears: tuple[_Linear, ...]  # every linear layer except the output head (LoRA candidates)
+    linears: tuple[_Linear, ...]  # every linear layer but the output head: LoRA's candidates
     unquantized_params: int  # elements, tied weights once
     buffer_bytes: int
     hidden: int
@@ -152,14 +154,15 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     quantized: list[_Linear] = []
     quantized_ids: set[int] = set()
     linears: list[_Linear] = []
+    head = model.get_output_embeddings()
     for name, module in model.named_modules():
-        # targets.linear_module_names' test (LoRA candidates) is isinstance; bnb's is `type() is`.
+        # LoRA candidates are tested with isinstance, bnb's conversion with `type() is`.
         if not isinstance(module, (torch.nn.Linear, Conv1D)):
             continue
         # Conv1D stores its weight transposed: (in, out).
         rows, cols = module.weight.shape
         layer = _Linear(name, *((rows, cols) if isinstance(module, Conv1D) else (cols, rows)))
-        if name.split(".")[-1] not in OUTPUT_HEADS:
+        if module is not head and name.split(".")[-1] not in OUTPUT_HEADS:  # as targets.linear_module_names
             linears.append(layer)
         if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
             quantized.append(layer)
@@ -273,6 +276,7 @@ def activation_bytes(
     shape: ModelShape,
     lora_inputs: list[tuple[int, int]],
     r: int,
+    lora_count: int,
     dropout: float,
     batch: int,
     seq: int,
@@ -326,14 +330,17 @@ def activation_bytes(
     dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
     layer_work = tokens * (2 * h + i) * res + dequant
     final_norm = tokens * (h * res + 4)
+    # Autocast casts every LoRA weight once per step and keeps the copies, and the fp32 head's copy
+    # is kept by its matmul for the backward pass.
+    copies = (lora_count + v * h) * cast if cast < 4 else 0
 
     if not checkpointing:
-        return shape.layers * base_per_layer + lora_total + final_norm + max(loss, layer_work)
+        return shape.layers * base_per_layer + lora_total + final_norm + copies + max(loss, layer_work)
     # Checkpointing keeps each layer's input; during backward one layer at a time is recomputed,
     # and holds all it saves while its backward runs.
     inputs = shape.layers * tokens * h * res
     one_layer = base_per_layer + lora_total // max(shape.layers, 1)
-    return inputs + final_norm + max(loss, one_layer + layer_work)
+    return inputs + final_norm + copies + max(loss, one_layer + layer_work)
 
 
 def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
@@ -364,6 +371,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
         shape,
         [(q.in_features, group[q.name]) for q in wrapped],
         lora.r,
+        lora_count,
         lora.dropout,
         training.batch_size,
         trial.data.max_seq_length,

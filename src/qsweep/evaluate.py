@@ -24,6 +24,7 @@ class EvalResult:
     scores: dict[str, float]
     raw: dict[str, Any] = field(repr=False)
     samples: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+    items: dict[str, list[int]] | None = None
 
 
 def include_dirs(extra: list[str], base_dir: Path) -> list[Path]:
@@ -119,6 +120,52 @@ def _sample_record(sample: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
+    """Group tasks (mmlu) nest their subtasks; `samples` is keyed by the leaves."""
+    leaves: dict[str, Any] = {}
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            leaves.update(_leaf_tasks(value))
+        elif value is not None:
+            leaves[getattr(key, "group_name", None) or value.config.task] = value
+    return leaves
+
+
+def subset_ids(specs: list[str | dict], n: int, seed: int, manager: Any) -> dict[str, list[int]]:
+    """The same seeded random N items of every task for every trial: a subset drawn at random, not
+    the first N, because task files are often sorted (by subject, by difficulty, by x)."""
+    import random
+
+    from lm_eval.tasks import get_task_dict
+
+    chosen = {}
+    for name, task in _leaf_tasks(get_task_dict(specs, manager)).items():
+        count = len(list(task.eval_docs))
+        rng = random.Random(f"{seed}:{name}")
+        chosen[name] = sorted(rng.sample(range(count), min(n, count)))
+    return chosen
+
+
+def auto_batch_size(model: Any) -> int | str:
+    """On CUDA, lm-eval's own probe finds the largest batch that fits. On a CPU there is no OOM to
+    probe for, so the batch is sized from available memory and the logits of a 512-token item."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "auto"
+    available = _available_memory_bytes()
+    vocab = model.config.get_text_config().vocab_size if hasattr(model, "config") else 32000
+    per_item = 512 * vocab * 4 * 3
+    return max(1, min(64, int(0.25 * available / per_item)))
+
+
+def _available_memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 4 * 2**30
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -126,22 +173,36 @@ def evaluate_model(
     dirs: list[Path],
     num_fewshot: int = 0,
     limit: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | str = "auto",
+    subset_seed: int = 0,
 ) -> EvalResult:
+    """Scores the model in memory; `limit` draws a seeded subset of items, recorded in the result."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
     specs = task_specs(tasks, dirs)
-    needs_builtin = any(isinstance(s, str) for s in specs)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    manager = task_manager(any(isinstance(s, str) for s in specs))
+    samples = subset_ids(specs, limit, subset_seed, manager) if limit else None
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
     raw = simple_evaluate(
         model=lm,
         tasks=specs,
         num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=task_manager(needs_builtin),
+        samples=samples,
+        task_manager=manager,
         log_samples=True,
         bootstrap_iters=1000,
     )
-    samples = {task: [_sample_record(s) for s in items] for task, items in raw.get("samples", {}).items()}
-    return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=samples)
+    records = {task: [_sample_record(s) for s in items] for task, items in raw.get("samples", {}).items()}
+    return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=records, items=samples)
+
+
+def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, limit: int | None | str = "config") -> EvalResult:
+    """Scores with a trial's evaluation config; `limit` overrides the config's (the final stage)."""
+    return evaluate_model(
+        model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
+        num_fewshot=evaluation.num_fewshot, limit=evaluation.limit if limit == "config" else limit,
+        batch_size=evaluation.batch_size, subset_seed=evaluation.subset_seed,
+    )

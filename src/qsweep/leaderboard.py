@@ -51,7 +51,47 @@ def _latest_sweep_run(mlflow_client: Any, experiment_id: str) -> Any:
     return runs[0] if runs else None
 
 
-def build_leaderboard(uri: str, experiment: str | None = None, metric: str | None = None, top: int = 10) -> Leaderboard:
+def where_filter(conditions: list[str]) -> str:
+    """`quant=nf4`, `lora.r!=8` → an MLflow filter on params; short names are the table's columns."""
+    clauses = []
+    for condition in conditions:
+        operator = "!=" if "!=" in condition else "="
+        key, _, value = condition.partition(operator)
+        key, value = key.strip(), value.strip()
+        if not key or not value:
+            raise LeaderboardError(f"--where {condition!r}: write KEY=VALUE or KEY!=VALUE, e.g. quant=nf4")
+        param = KEY_PARAMS.get(key, key)
+        clauses.append(f"params.`{param}` {operator} '{value}'")
+    return "".join(f" and {c}" for c in clauses)
+
+
+def pareto_front(rows: list[dict[str, Any]], metric: str, direction: str) -> set[str]:
+    """Run ids no other run beats on score, peak memory and train time at once."""
+    sign = 1 if direction == "maximize" else -1
+
+    def costs(row: dict[str, Any]) -> tuple[float, float, float]:
+        return (-sign * row[metric], row["peak_mb"] or float("inf"), row["train_s"] or float("inf"))
+
+    front = set()
+    for row in rows:
+        mine = costs(row)
+        dominated = any(
+            all(o <= m for o, m in zip(costs(other), mine)) and costs(other) != mine for other in rows
+        )
+        if not dominated:
+            front.add(row["run_id"])
+    return front
+
+
+def rank_final_first(rows: list[dict[str, Any]], direction: str) -> list[dict[str, Any]]:
+    """Trials re-scored in the final stage rank first, by that score; the rest keep the cheap order."""
+    sign = -1 if direction == "maximize" else 1
+    rescored = sorted((r for r in rows if r["final"] is not None), key=lambda r: sign * r["final"])
+    return rescored + [r for r in rows if r["final"] is None]
+
+
+def build_leaderboard(uri: str, experiment: str | None = None, metric: str | None = None, top: int = 10,
+                      where: list[str] | None = None, sweep: str | None = None) -> Leaderboard:
     mlflow_client = tracking.client(uri)
     experiment = experiment or latest_experiment(mlflow_client)
     found = mlflow_client.get_experiment_by_name(experiment)
@@ -65,15 +105,17 @@ def build_leaderboard(uri: str, experiment: str | None = None, metric: str | Non
         raise LeaderboardError("no metric to rank by; pass --metric TASK/METRIC")
     direction = tags.get("qsweep.direction", "maximize")
     order = "DESC" if direction == "maximize" else "ASC"
-    runs = mlflow_client.search_runs(
-        [found.experiment_id],
-        filter_string="tags.`qsweep.kind` = 'trial' and attributes.status = 'FINISHED'",
-        order_by=[f"metrics.`{metric}` {order}"],
-        max_results=max(top, 1) * 4,
-    )
-    rows = [_row(run, metric) for run in runs if metric in run.data.metrics][:top]
+    query = "tags.`qsweep.kind` = 'trial' and attributes.status = 'FINISHED'" + where_filter(where or [])
+    if sweep:
+        query += f" and tags.`qsweep.sweep` = '{sweep}'"
+    runs = mlflow_client.search_runs([found.experiment_id], filter_string=query,
+                                     order_by=[f"metrics.`{metric}` {order}"], max_results=5000)
+    rows = rank_final_first([_row(run, metric) for run in runs if metric in run.data.metrics], direction)
+    front = pareto_front(rows, metric, direction)
+    for row in rows:
+        row["pareto"] = row["run_id"] in front
     baseline = sweep_run.data.metrics.get(f"baseline/{metric}") if sweep_run else None
-    return Leaderboard(experiment, metric, direction, baseline, rows)
+    return Leaderboard(experiment, metric, direction, baseline, rows[:top])
 
 
 def _row(run: Any, metric: str) -> dict[str, Any]:
@@ -81,6 +123,8 @@ def _row(run: Any, metric: str) -> dict[str, Any]:
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial": run.data.tags.get("qsweep.trial_id", "")}
     row[metric] = metrics[metric]
     row["stderr"] = metrics.get(f"{metric}_stderr")
+    row["final"] = metrics.get(f"final/{metric}")
+    row["delta"] = metrics.get(f"delta/{metric}")
     row.update({label: params.get(key) for label, key in KEY_PARAMS.items()})
     row.update({label: metrics.get(key) for label, key in MEASURES.items()})
     return row
@@ -106,14 +150,31 @@ def to_table(board: Leaderboard) -> Any:
 
     baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
     table = Table(title=f"{board.experiment}: {board.metric} ({board.direction}){baseline}")
-    columns = ["run", board.metric, *KEY_PARAMS, *MEASURES]
-    for column in columns:
+    for column in _display_columns(board):
         table.add_column(column, no_wrap=True)
     for row in board.rows:
-        score = f"{row[board.metric]:.3f}" + (f" ± {row['stderr']:.3f}" if row["stderr"] is not None else "")
-        cells = [row["run_id"], score, *(_cell(row[c]) for c in KEY_PARAMS), *(_cell(row[c]) for c in MEASURES)]
-        table.add_row(*cells)
+        table.add_row(*_display_cells(board, row, pareto_mark="★"))
     return table
+
+
+def _display_columns(board: Leaderboard) -> list[str]:
+    return ["run", board.metric, "final", "Δ base", *KEY_PARAMS, *MEASURES, "pareto"]
+
+
+def _display_cells(board: Leaderboard, row: dict[str, Any], pareto_mark: str) -> list[str]:
+    score = f"{row[board.metric]:.3f}" + (f" ± {row['stderr']:.3f}" if row["stderr"] is not None else "")
+    return [row["run_id"], score, _cell(row["final"]), _cell(row["delta"]),
+            *(_cell(row[c]) for c in KEY_PARAMS), *(_cell(row[c]) for c in MEASURES),
+            pareto_mark if row.get("pareto") else ""]
+
+
+def to_markdown(board: Leaderboard) -> str:
+    baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
+    columns = _display_columns(board)
+    lines = [f"**{board.experiment}**: {board.metric} ({board.direction}){baseline}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_display_cells(board, row, pareto_mark="yes")) + " |" for row in board.rows]
+    return "\n".join(lines) + "\n"
 
 
 def _cell(value: Any) -> str:

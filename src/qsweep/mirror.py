@@ -115,11 +115,7 @@ class MlflowMirror(Callback):
             self._reconcile(trials)
 
     def _reconcile(self, trials: list) -> None:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}'",
-            order_by=["attributes.start_time ASC"], max_results=10000,
-        )
-        latest = {r.data.tags.get("qsweep.trial_id"): r for r in runs}
+        latest = tracking.trial_runs(self.client, self.experiment_id, self.parent_run_id)
         for trial in trials:
             run = latest.get(trial.trial_id)
             if run is None:

@@ -31,8 +31,8 @@ class LoggedTrial:
     metrics: dict[str, float]
 
 
-def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None) -> LoggedTrial:
-    """Downloads config.yaml and the adapter of a finished trial run."""
+def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None, with_adapter: bool = True) -> LoggedTrial:
+    """Downloads config.yaml (and the adapter, unless with_adapter is False) of a finished trial run."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = tracking.client(uri)
@@ -44,7 +44,7 @@ def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None) -> Logge
         raise ProvenanceError(f"run {run_id} is not a finished qsweep trial (it has no adapter)")
     dest = Path(dest or tempfile.mkdtemp(prefix=f"qsweep-{run_id[:8]}-"))
     config_file = Path(mlflow_client.download_artifacts(run_id, "config.yaml", str(dest)))
-    adapter_dir = Path(mlflow_client.download_artifacts(run_id, "adapter", str(dest)))
+    adapter_dir = Path(mlflow_client.download_artifacts(run_id, "adapter", str(dest))) if with_adapter else dest
     logged = yaml.safe_load(config_file.read_text())
     provenance = logged.pop("provenance")
     return LoggedTrial(run_id, TrialConfig(**logged), provenance, adapter_dir, dict(run.data.metrics))

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsweep import tracking
-from qsweep.config import SweepConfig, TrialConfig, dump_yaml
+from qsweep import stages, tracking
+from qsweep.config import SearchConfig, SweepConfig, TrialConfig, dump_yaml
+from qsweep.objective import objective_value, searcher_metrics
 from qsweep.mirror import OBJECTIVE, TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 from qsweep.resources import trial_resources
 from qsweep.space import DefineByRun, SearchSpace, apply_params
@@ -37,10 +38,7 @@ class SweepSummary:
     baseline: dict[str, float]
     best: dict[str, Any] | None
     gave_up: str | None = None
-
-
-def objective_sign(direction: str) -> str:
-    return "max" if direction == "maximize" else "min"
+    final: dict[str, Any] | None = None
 
 
 def _log_to_file(path: Path) -> logging.Handler:
@@ -55,7 +53,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
-                metric: str, threads: int) -> None:
+                search: dict[str, Any], threads: int) -> None:
     """The Ray Tune trainable: one trial in its own Ray worker process."""
     import torch
     from ray import tune
@@ -68,37 +66,19 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     _log_to_file(out_dir / TRIAL_LOG)
     logger.info("config: %s", params)
     outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
-    if metric not in outcome.scores:
-        raise KeyError(f"search.metric {metric!r} is not among the scores: {sorted(outcome.scores)}")
+    search_config = SearchConfig(**search)
+    objective = objective_value(outcome.scores, search_config)
     last_eval = [p["eval_loss"] for p in outcome.curve if "eval_loss" in p]
     tune.report({
         "step": trial.training.max_steps,
         "eval_loss": last_eval[-1] if last_eval else float("nan"),
-        OBJECTIVE: outcome.scores[metric],
-        "scores": outcome.scores,
+        OBJECTIVE: objective,
+        **{t.metric: outcome.metrics[t.metric] for t in search_config.tradeoffs},
+        "scores": {**outcome.scores, **({OBJECTIVE: objective} if search_config.weights else {})},
         "measures": outcome.metrics,
         "provenance": outcome.provenance,
         "out_dir": str(out_dir),
     })
-
-
-def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, float]:
-    """The untuned base model, quantized like the trials, on the same tasks."""
-    import torch
-
-    from qsweep.evaluate import evaluate_model, include_dirs
-    from qsweep.models import resolve_model
-    from qsweep.trial import load_base
-
-    torch.set_num_threads(max(1, threads))
-    trial = TrialConfig(**trial_dict)
-    model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
-    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
-    evaluation = trial.evaluation
-    return evaluate_model(
-        model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, Path(base_dir)),
-        num_fewshot=evaluation.num_fewshot, limit=evaluation.limit, batch_size=evaluation.batch_size,
-    ).scores
 
 
 def _final_score_searcher() -> type:
@@ -115,6 +95,12 @@ def _final_score_searcher() -> type:
             if self.metric in result:
                 super().on_trial_result(trial_id, result)
 
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            # With several objectives Ray would tell Optuna a list of Nones as values.
+            if result and isinstance(self.metric, list) and OBJECTIVE not in result:
+                result = None
+            super().on_trial_complete(trial_id, result, error)
+
     return FinalScoreOptunaSearch
 
 
@@ -122,10 +108,11 @@ def build_searcher(sweep: SweepConfig, space: SearchSpace, concurrency: int, fol
     import optuna
     from ray.tune.search import ConcurrencyLimiter
 
+    metrics, modes = searcher_metrics(sweep.search, OBJECTIVE)
     searcher = _final_score_searcher()(
         space=DefineByRun(space),
-        metric=OBJECTIVE,
-        mode=objective_sign(sweep.search.direction),
+        metric=metrics if len(metrics) > 1 else metrics[0],
+        mode=modes if len(modes) > 1 else modes[0],
         points_to_evaluate=sweep.search.baselines or None,
         sampler=optuna.samplers.TPESampler(seed=sweep.search.sampler_seed, n_startup_trials=4),
         study_name=sweep.name,
@@ -134,15 +121,45 @@ def build_searcher(sweep: SweepConfig, space: SearchSpace, concurrency: int, fol
     return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
 
 
+def _patient_asha() -> type:
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    class PatientASHA(ASHAScheduler):
+        """ASHA that lets the first few trials at each rung through.
+
+        Ray's ASHA cuts at a percentile of the values already recorded at a rung, so with one value
+        recorded the second trial there is stopped whenever it is worse than the first: in a small
+        sweep that stops a whole branch (e.g. every fp4 trial) on a single comparison.
+        """
+
+        def __init__(self, min_trials_per_rung: int, **kwargs: Any):
+            super().__init__(**kwargs)
+            self.min_trials_per_rung = min_trials_per_rung
+
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            if decision != TrialScheduler.STOP or trial.trial_id not in self._trial_info:
+                return decision
+            reached = result[self._time_attr]
+            rung = next((recorded for milestone, recorded in self._trial_info[trial.trial_id]._rungs
+                         if milestone <= reached and trial.trial_id in recorded), None)
+            if rung is not None and len(rung) <= self.min_trials_per_rung:
+                self._num_stopped -= 1
+                return TrialScheduler.CONTINUE
+            return decision
+
+    return PatientASHA
+
+
 def build_scheduler(sweep: SweepConfig) -> Any:
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     asha = sweep.search.asha
     if not asha.enabled:
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="step", metric="eval_loss", mode="min", max_t=sweep.training.max_steps,
-        grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor,
+    return _patient_asha()(
+        min_trials_per_rung=asha.min_trials_per_rung, time_attr="step", metric="eval_loss", mode="min",
+        max_t=sweep.training.max_steps, grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor,
     )
 
 
@@ -177,7 +194,8 @@ def _trainable(sweep: SweepConfig, trials_root: Path, resources: dict[str, float
     return tune.with_resources(
         tune.with_parameters(
             train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
-            trials_root=str(trials_root), metric=sweep.search.metric, threads=max(1, int(resources.get("cpu", 1))),
+            trials_root=str(trials_root), search=sweep.search.model_dump(mode="json"),
+            threads=max(1, int(resources.get("cpu", 1))),
         ),
         resources,
     )
@@ -226,7 +244,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
     resources = trial_resources(sweep)
-    baseline_ref = _start_baseline(sweep, state, resources)
+    types = stages.quant_types(sweep, space)
+    baselines = stages.logged_baselines(sweep.tracking.uri, state.parent_run_id, types)
+    baseline_refs = stages.start_baselines(sweep, types, baselines, resources)
     if resuming:
         logger.info("resuming sweep %s from %s", sweep.name, folder)
         tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", resources),
@@ -234,27 +254,16 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     else:
         tuner = _new_tuner(sweep, space, folder, state, resources)
     grid = tuner.fit()
-    baseline = ray.get(baseline_ref) if baseline_ref is not None else _logged_baseline(sweep, state)
-    return finish_parent_run(sweep, state, grid, baseline)
+    baselines.update({quant: ray.get(ref) for quant, ref in baseline_refs.items()})
+    stages.log_baselines(sweep.tracking.uri, state.parent_run_id, baselines, sweep.quantization.quant_type)
+    runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
+    stages.log_deltas(sweep.tracking.uri, runs, baselines)
+    final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
 
 
-def _start_baseline(sweep: SweepConfig, state: SweepState, resources: dict[str, float]) -> Any:
-    """Scores the untuned base in parallel with the trials, once per sweep (not again on resume)."""
-    import ray
-
-    if _logged_baseline(sweep, state):
-        return None
-    remote = ray.remote(score_baseline).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
-    return remote.remote(sweep.trial().model_dump(mode="json"), str(sweep.base_dir),
-                         max(1, int(resources.get("cpu", 1))))
-
-
-def _logged_baseline(sweep: SweepConfig, state: SweepState) -> dict[str, float]:
-    metrics = tracking.client(sweep.tracking.uri).get_run(state.parent_run_id).data.metrics
-    return {k.removeprefix("baseline/"): v for k, v in metrics.items() if k.startswith("baseline/")}
-
-
-def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float]) -> SweepSummary:
+def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float],
+                      final: dict[str, Any]) -> SweepSummary:
     mlflow_client = tracking.client(sweep.tracking.uri)
     results = list(grid)
     finished = [r for r in results if r.error is None and r.metrics and OBJECTIVE in r.metrics]
@@ -269,12 +278,15 @@ def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline
     if not finished and len(failed) >= min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials):
         last = str(failed[-1].error).strip().splitlines()[-1] if failed else ""
         gave_up = f"the first {len(failed)} trials all failed, so the sweep stopped; last error: {last}"
-    summary_metrics = {f"baseline/{k}": v for k, v in baseline.items()}
-    summary_metrics.update({"trials_finished": len(finished), "trials_stopped": stopped, "trials_failed": len(failed)})
+    summary_metrics = {"trials_finished": len(finished), "trials_stopped": stopped, "trials_failed": len(failed)}
     if best:
         summary_metrics[f"best/{sweep.search.metric}"] = best[OBJECTIVE]
-    tracking.log_batch(mlflow_client, state.parent_run_id, metrics=summary_metrics)
+    tags = {}
+    if final:
+        summary_metrics["stages_agree"] = float(final["agree"])
+        tags = {"qsweep.winner.cheap": final["cheap_winner"], "qsweep.winner.final": final["final_winner"]}
+    tracking.log_batch(mlflow_client, state.parent_run_id, metrics=summary_metrics, tags=tags)
     tracking.end_run(mlflow_client, state.parent_run_id, "FINISHED" if finished else "FAILED",
                      gave_up or (None if finished else "no trial finished"))
     return SweepSummary(state.experiment_id, state.parent_run_id, len(finished), stopped, len(failed), baseline,
-                        best, gave_up)
+                        best, gave_up, final)

@@ -143,3 +143,12 @@ def end_run(mlflow_client: Any, run_id: str, status: str, reason: str | None = N
     if reason:
         mlflow_client.set_tag(run_id, "qsweep.reason", reason[-5000:])
     mlflow_client.set_terminated(run_id, status=status)
+
+
+def trial_runs(mlflow_client: Any, experiment_id: str, parent_run_id: str) -> dict[str, Any]:
+    """The latest child run of each trial of a sweep, by Ray trial id."""
+    runs = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"], max_results=10000,
+    )
+    return {r.data.tags.get("qsweep.trial_id"): r for r in runs}

@@ -18,7 +18,7 @@ import torch
 
 from qsweep.config import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
 from qsweep.data import data_hash, load_rows, tokenize_rows
-from qsweep.evaluate import evaluate_model, include_dirs
+from qsweep.evaluate import score
 from qsweep.models import resolve_model
 from qsweep.targets import linear_module_names, resolve_target_modules
 
@@ -277,16 +277,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     check_budget(started, trial.limits.time_budget_s, "after training, before scoring")
     eval_started = time.perf_counter()
     model.eval()
-    evaluation = trial.evaluation
-    result = evaluate_model(
-        model,
-        tokenizer,
-        evaluation.tasks,
-        include_dirs(evaluation.include_path, base_dir),
-        num_fewshot=evaluation.num_fewshot,
-        limit=evaluation.limit,
-        batch_size=evaluation.batch_size,
-    )
+    result = score(model, tokenizer, trial.evaluation, base_dir)
     eval_seconds = time.perf_counter() - eval_started
 
     provenance = {
@@ -319,10 +310,9 @@ def write_eval_files(result: Any, out_dir: Path) -> tuple[Path, Path]:
     import json
 
     results_file = out_dir / "lm_eval_results.json"
-    results_file.write_text(
-        json.dumps({k: result.raw[k] for k in ("results", "configs", "versions", "n-shot") if k in result.raw},
-                   indent=2, default=str)
-    )
+    kept = {k: result.raw[k] for k in ("results", "configs", "versions", "n-shot") if k in result.raw}
+    kept["items"] = result.items
+    results_file.write_text(json.dumps(kept, indent=2, default=str))
     samples_file = out_dir / "lm_eval_samples.jsonl"
     with open(samples_file, "w") as handle:
         for task, items in result.samples.items():

@@ -1,0 +1,150 @@
+"""Scoring around the search: the untuned baselines before it, the final stage after it.
+
+During the search every trial is scored on a cheap, seeded subset (evaluation.limit). Baselines
+give each trial a delta against the untuned base in its own quantization, and the final stage
+re-scores the best few on more items, packed on the cluster like training, because a winner picked
+on a small subset can be noise.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qsweep import tracking
+from qsweep.config import SweepConfig, TrialConfig
+from qsweep.space import SearchSpace
+
+logger = logging.getLogger(__name__)
+
+STDERR_SUFFIX = "_stderr"
+
+
+def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
+    """Every 4-bit type a trial of this sweep can use: the baseline is scored once for each."""
+    types = [sweep.quantization.quant_type]
+    spec = space.params.get("quantization.quant_type") if space else None
+    if spec is not None and spec.choices:
+        types += [str(c) for c in spec.choices if c not in types]
+    return types
+
+
+def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, float]:
+    """The untuned base model, quantized like the trials, on the same items."""
+    import torch
+
+    from qsweep.evaluate import score
+    from qsweep.models import resolve_model
+    from qsweep.trial import load_base
+
+    torch.set_num_threads(max(1, threads))
+    trial = TrialConfig(**trial_dict)
+    model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
+    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    return score(model, tokenizer, trial.evaluation, Path(base_dir)).scores
+
+
+def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str, dict[str, float]]:
+    metrics = tracking.client(uri).get_run(parent_run_id).data.metrics
+    found: dict[str, dict[str, float]] = {}
+    for quant in types:
+        prefix = f"baseline/{quant}/"
+        scores = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        if scores:
+            found[quant] = scores
+    return found
+
+
+def start_baselines(sweep: SweepConfig, types: list[str], done: dict[str, dict[str, float]],
+                    resources: dict[str, float]) -> dict[str, Any]:
+    """Ray tasks scoring each missing baseline, running beside the trials."""
+    import ray
+
+    remote = ray.remote(score_baseline).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    refs = {}
+    for quant in types:
+        if quant in done:
+            continue
+        trial = sweep.trial().model_dump(mode="json")
+        trial["quantization"]["quant_type"] = quant
+        refs[quant] = remote.remote(trial, str(sweep.base_dir), max(1, int(resources.get("cpu", 1))))
+    return refs
+
+
+def log_baselines(uri: str, parent_run_id: str, baselines: dict[str, dict[str, float]], base_quant: str) -> None:
+    metrics = {f"baseline/{quant}/{k}": v for quant, scores in baselines.items() for k, v in scores.items()}
+    # The sweep's own quantization also goes under plain `baseline/`: that is what the leaderboard shows.
+    metrics.update({f"baseline/{k}": v for k, v in baselines.get(base_quant, {}).items()})
+    tracking.log_batch(tracking.client(uri), parent_run_id, metrics=metrics)
+
+
+def deltas(scores: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
+    return {f"delta/{k}": v - baseline[k] for k, v in scores.items()
+            if k in baseline and not k.endswith(STDERR_SUFFIX)}
+
+
+def log_deltas(uri: str, runs: dict[str, Any], baselines: dict[str, dict[str, float]]) -> None:
+    """Each finished trial's score minus the untuned base's in the same quantization."""
+    mlflow_client = tracking.client(uri)
+    for run in runs.values():
+        if run.data.tags.get("qsweep.outcome") != "finished":
+            continue
+        baseline = baselines.get(run.data.params.get("quantization.quant_type", ""), {})
+        scores = {k: v for k, v in run.data.metrics.items() if "/" in k and not k.startswith(("delta/", "final/"))}
+        if values := deltas(scores, baseline):
+            tracking.log_batch(mlflow_client, run.info.run_id, metrics=values)
+
+
+def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, Any]:
+    """Reloads a trial's adapter exactly as logged and scores it on the final stage's items."""
+    import torch
+
+    from qsweep.evaluate import score
+    from qsweep.replay import load_trained
+
+    torch.set_num_threads(max(1, threads))
+    folder = Path(trial_dir)
+    logged = yaml.safe_load((folder / "config.yaml").read_text())
+    provenance = logged.pop("provenance")
+    trial = TrialConfig(**logged)
+    base_dir = Path(provenance["base_dir"])
+    model, tokenizer = load_trained(trial, provenance, folder / "adapter", base_dir)
+    result = score(model, tokenizer, trial.evaluation, base_dir, limit=limit)
+    return {"scores": result.scores, "items": result.items}
+
+
+def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
+                    resources: dict[str, float]) -> dict[str, Any]:
+    """Re-scores the top_k finished trials (by their cheap score) in parallel Ray tasks."""
+    import ray
+
+    final = sweep.evaluation.final
+    metric = sweep.search.metric
+    finished = [r for r in runs.values() if r.data.tags.get("qsweep.outcome") == "finished" and metric in r.data.metrics]
+    if final is None or not finished:
+        return {}
+    reverse = sweep.search.direction == "maximize"
+    top = sorted(finished, key=lambda r: r.data.metrics[metric], reverse=reverse)[:final.top_k]
+    remote = ray.remote(score_final).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    refs = {run.info.run_id: remote.remote(str(trials_root / run.data.tags["qsweep.trial_id"]), final.limit,
+                                           max(1, int(resources.get("cpu", 1))))
+            for run in top}
+    mlflow_client = tracking.client(sweep.tracking.uri)
+    results = {}
+    for run_id, ref in refs.items():
+        outcome = ray.get(ref)
+        scores = outcome["scores"]
+        if sweep.search.weights:
+            from qsweep.objective import objective_value
+
+            scores = {**scores, "objective": objective_value(scores, sweep.search)}
+        results[run_id] = scores
+        tracking.log_batch(mlflow_client, run_id, metrics={f"final/{k}": v for k, v in scores.items()})
+        tracking.log_dict(mlflow_client, run_id, {"items": outcome["items"]}, "final_items.json")
+    cheap_winner = top[0].info.run_id
+    pick = max if reverse else min
+    final_winner = pick(results, key=lambda run_id: results[run_id][metric])
+    return {"cheap_winner": cheap_winner, "final_winner": final_winner, "agree": cheap_winner == final_winner}
