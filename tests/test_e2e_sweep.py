@@ -179,11 +179,16 @@ def test_export_scores_the_same_under_lm_evals_own_cli(finished_sweep, tmp_path)
     assert {"base", "adapter", "tasks", "README.md", "config.yaml"} <= {p.name for p in dest.iterdir()}
     assert CliRunner().invoke(app, ["export", run_id, str(dest), "--tracking-uri", finished_sweep["uri"]]).exit_code == 2
     logged = [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0]
+    from qsweep.tracking import client
+
+    results_file = client(finished_sweep["uri"]).download_artifacts(run_id, "lm_eval_results.json", str(tmp_path))
+    items = json.loads(Path(results_file).read_text())["items"]
+    assert list(items) == ["zorble"] and len(items["zorble"]) == int(logged.data.params["evaluation.limit"])
     out = tmp_path / "lm_eval_out"
     subprocess.run(
         [str(Path(sys.executable).with_name("lm_eval")), "--model", "hf",
          "--model_args", f"pretrained={dest / 'base'},peft={dest / 'adapter'}", "--include_path", str(dest / "tasks"),
-         "--tasks", "zorble", "--limit", logged.data.params["evaluation.limit"], "--device", "cpu",
+         "--tasks", "zorble", "--samples", json.dumps(items), "--device", "cpu",
          "--batch_size", "8", "--output_path", str(out)],
         check=True, capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )

@@ -43,10 +43,20 @@ def _write_sweep(workdir: Path, sweep: dict, space: dict) -> Path:
     return path
 
 
-def _runs(uri: str, experiment: str) -> list:
+def _all_runs(uri: str, experiment: str) -> list:
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(experiment)
-    return mlflow_client.search_runs([found.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+    return mlflow_client.search_runs([found.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'",
+                                     order_by=["attributes.start_time ASC"])
+
+
+def _runs(uri: str, experiment: str) -> list:
+    """The last run of each trial: a trial whose worker process died (a 1 MB cap can kill Ray's own
+    threads before the trial's code sees the error) is retried, and its earlier run is KILLED."""
+    latest = {}
+    for run in _all_runs(uri, experiment):
+        latest[run.data.tags["qsweep.trial_id"]] = run
+    return list(latest.values())
 
 
 def _study(workdir: Path, name: str) -> optuna.Study:
@@ -103,6 +113,9 @@ def test_the_sweep_survives_every_fault(fault_sweep):
 def test_each_fault_is_recorded_in_mlflow_with_its_reason(fault_sweep):
     runs = _runs(fault_sweep["uri"], "faults")
     assert len(runs) == 5
+    latest = {r.info.run_id for r in runs}
+    for earlier in (r for r in _all_runs(fault_sweep["uri"], "faults") if r.info.run_id not in latest):
+        assert (earlier.info.status, earlier.data.tags["qsweep.outcome"]) == ("KILLED", "retried")
     grouped = _by_outcome(runs)
     assert {k: len(v) for k, v in grouped.items()} == {
         "finished": 1, "diverged": 1, "timeout": 1, "oom": 1, "error": 1}

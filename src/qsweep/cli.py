@@ -74,7 +74,7 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
     console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials of {sweep.model.name}, "
                   f"ranked by {sweep.search.metric}")
     try:
-        summary = run_sweep(sweep, sweep_file, space, address=address)
+        summary = run_sweep(sweep, sweep_file, space, address=address or sweep.cluster.address)
     except SweepFileError as exc:
         fail(exc.problems, exc.source)
     console.print(f"finished {summary.finished}, stopped early {summary.stopped}, failed {summary.failed}")
@@ -235,3 +235,111 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
     except (PublishError, ProvenanceError) as exc:
         fail([str(exc)])
     console.print(f"exported to {dest}: base/ (4-bit), adapter/, tasks/, README.md")
+
+
+@app.command()
+def ablate(
+    ablation_file: Path = typer.Argument(..., help="ablation YAML, e.g. sweeps/ablation-quant.yaml"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+) -> None:
+    """Run every factor value x seed through the orchestrator, then report mean ± 95% CI and paired tests."""
+    from qsweep.ablate import as_sweep, load_ablation, report
+    from qsweep.ablation import to_markdown
+    from qsweep.state import output_folder
+    from qsweep.sweep import run_sweep
+    from qsweep.validate import validate_sweep
+
+    try:
+        ablation = load_ablation(ablation_file)
+        sweep, space = as_sweep(ablation)
+        validate_sweep(sweep, str(ablation_file), space)
+        console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials "
+                      f"({len(ablation.ablation.seeds)} seeds per cell), ranked by {sweep.search.metric}")
+        summary = run_sweep(sweep, ablation_file, space, address=address or sweep.cluster.address)
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    console.print(f"finished {summary.finished}, failed {summary.failed}")
+    if not summary.finished:
+        raise typer.Exit(code=1)
+    result = report(sweep, ablation.ablation, summary.experiment_id, summary.parent_run_id,
+                    output_folder(sweep) / "report")
+    console.print(to_markdown(result), markup=False, highlight=False)
+    console.print(f"report and plot: {output_folder(sweep) / 'report'} (also on MLflow run {summary.parent_run_id})")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+@app.command()
+def estimate(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML"),
+    device: Device = typer.Option(Device.auto, help="estimate for this device (auto = this machine's)"),
+    format: Format = typer.Option(Format.table, "--format", help="table or json"),
+) -> None:
+    """Peak memory of one trial, by component, for the baseline and the extremes of the search space."""
+    import json
+
+    from rich.table import Table
+
+    from qsweep.models import resolve_model
+    from qsweep.packing import Machine, budget_mb, extreme_trials, resource_request, this_machine, trial_estimate
+
+    sweep, space = load_and_validate(sweep_file)
+    machine = this_machine()
+    if device is not Device.auto and device.value != machine.device:
+        machine = Machine(device.value, 80 * 1024 if device is Device.cuda else machine.memory_mb)
+    path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
+    estimates = {name: trial_estimate(trial, path, machine.device)
+                 for name, trial in extreme_trials(sweep, space).items()}
+    rows = {name: {**e.model_dump(), "budget_mb": budget_mb(e),
+                   "request": resource_request(e, machine, sweep.resources.cpus_per_trial)}
+            for name, e in estimates.items()}
+    if format is Format.json:
+        sys.stdout.write(json.dumps({"device": machine.device, "memory_mb": machine.memory_mb, "trials": rows},
+                                    indent=2) + "\n")
+        return
+    table = Table(title=f"{sweep.name}: peak memory of one trial on {machine.device} (MiB)")
+    table.add_column("component")
+    for name in rows:
+        table.add_column(name, justify="right")
+    fields = ["quantized_weights", "unquantized_weights", "lora_params", "lora_grads", "optimizer_state",
+              "activations", "runtime_overhead", "total", "budget_mb"]
+    for field in fields:
+        table.add_row(field, *(f"{rows[name][field]:,.1f}" for name in rows))
+    per_card = {name: int(machine.memory_mb // (r["budget_mb"] + (estimates[name].runtime_overhead
+                                                                  if machine.device == "cuda" else 0)))
+                for name, r in rows.items()}
+    table.add_row("trials that fit", *(str(per_card[name]) for name in rows))
+    console.print(table)
+
+
+@app.command()
+def calibrate(
+    experiment: Optional[str] = typer.Option(None, help="only this experiment's trials (default: all)"),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Fit the estimator's correction from measured peaks in MLflow, so later sweeps pack tighter."""
+    from qsweep.packing import fit_calibration, save_calibration
+    from qsweep.tracking import client
+
+    mlflow_client = client(tracking_uri)
+    experiments = [mlflow_client.get_experiment_by_name(experiment)] if experiment else mlflow_client.search_experiments()
+    if not experiments or experiments[0] is None:
+        fail([f"--experiment {experiment!r} does not exist in {tracking_uri}"])
+    runs = mlflow_client.search_runs([e.experiment_id for e in experiments],
+                                     filter_string="tags.`qsweep.outcome` = 'finished'", max_results=10000)
+    by_device: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        metrics = run.data.metrics
+        if "memory_estimate_mb" in metrics and "peak_memory_mb" in metrics:
+            device = "cpu" if run.data.params.get("provenance.device", "cpu") == "cpu" else "cuda"
+            by_device.setdefault(device, []).append((metrics["memory_estimate_mb"], metrics["peak_memory_mb"]))
+    if not by_device:
+        fail(["no finished trial with both memory_estimate_mb and peak_memory_mb; run a sweep first"])
+    for device, pairs in by_device.items():
+        factor = fit_calibration(pairs)
+        path = save_calibration(device, factor, len(pairs))
+        console.print(f"{device}: {len(pairs)} trials, measured/estimated up to {factor:.3f} -> saved to {path}")

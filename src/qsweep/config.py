@@ -7,6 +7,7 @@ so `qsweep show` can write any trial back out as a valid single-trial sweep file
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -145,8 +146,23 @@ class SearchConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: str = "sqlite:///mlflow.db"
+    uri: str = Field(
+        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        description="MLflow tracking URI; defaults to $MLFLOW_TRACKING_URI, else a sqlite file here",
+    )
     experiment: str | None = Field(None, description="defaults to the sweep's name")
+
+    @model_validator(mode="after")
+    def _no_credentials_in_uri(self) -> "TrackingConfig":
+        # The URI is logged and copied into configs; a password in it would leak everywhere.
+        if re.match(r"^[a-z+]+://[^/@]+:[^/@]*@", self.uri):
+            raise ValueError("tracking.uri holds credentials; remove them and set MLFLOW_TRACKING_USERNAME / "
+                             "MLFLOW_TRACKING_PASSWORD (or your database's own variables) in the environment")
+        return self
+
+
+class ClusterConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster: auto, ray://HOST:PORT; null = a local Ray")
 
 
 class ResourcesConfig(Strict):
@@ -171,6 +187,7 @@ class SweepConfig(TrialConfig):
     search: SearchConfig = Field(default_factory=SearchConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output_dir: str = Field("runs", description="adapters and Ray Tune state go to OUTPUT_DIR/NAME (relative to the working directory)")
 
     # Where the file was read from: relative paths in the file are relative to it.

@@ -21,6 +21,7 @@ from qsweep.space import apply_params
 logger = logging.getLogger(__name__)
 
 OBJECTIVE = "objective"
+FAILED = "failed"
 TRIAL_LOG = "trial.log"
 LOG_TAIL_LINES = 40
 
@@ -54,7 +55,8 @@ def classify_failure(text: str) -> tuple[str, str]:
     lowered = text.lower()
     if "trialtimeout" in lowered:
         return "KILLED", "timeout"
-    if any(s in lowered for s in ("out of memory", "outofmemory", "can't allocate memory", "cannot allocate memory")):
+    if any(s in lowered for s in ("out of memory", "outofmemory", "can't allocate memory", "cannot allocate memory",
+                                         "memoryerror")):
         return "FAILED", "oom"
     if "trialdiverged" in lowered:
         return "FAILED", "diverged"
@@ -158,7 +160,7 @@ class MlflowMirror(Callback):
         run_id = self.runs[trial.trial_id]
         if OBJECTIVE in result:
             self._log_final(run_id, result)
-        else:
+        elif "eval_loss" in result:
             tracking.log_batch(self.client, run_id, metrics={"eval_loss": result["eval_loss"]},
                                step=int(result["step"]))
 
@@ -180,7 +182,9 @@ class MlflowMirror(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs[trial.trial_id]
         last = trial.last_result or {}
-        if OBJECTIVE in last:
+        if FAILED in last:
+            self._record_failure(trial, run_id, last[FAILED])
+        elif OBJECTIVE in last:
             if not self._has_final(run_id):
                 self._log_final(run_id, last)
             self.client.set_tag(run_id, "qsweep.outcome", "finished")
@@ -197,10 +201,22 @@ class MlflowMirror(Callback):
         return self.sweep.search.metric in self.client.get_run(run_id).data.metrics
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """Only a lost worker or node gets here (a trial's own failure is its result), once Ray's
+        retries are spent."""
+        run_id = self.runs.get(trial.trial_id)
+        if run_id is not None:
+            self._record_failure(trial, run_id, trial_error_text(trial))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs.get(trial.trial_id)
         if run_id is None:
             return
-        text = trial_error_text(trial)
+        reason = error_summary(trial_error_text(trial))
+        self.client.set_tag(run_id, "qsweep.outcome", "retried")
+        tracking.end_run(self.client, run_id, "KILLED", f"its worker was lost ({reason}); the trial is retried")
+        logger.warning("trial %s lost its worker (%s); retrying it", trial.trial_id, reason)
+
+    def _record_failure(self, trial: Any, run_id: str, text: str) -> None:
         status, outcome = classify_failure(text)
         log_file = self.trials_root / trial.trial_id / TRIAL_LOG
         reason = f"{outcome}: {error_summary(text)}"

@@ -23,6 +23,12 @@ logger = logging.getLogger(__name__)
 STDERR_SUFFIX = "_stderr"
 
 
+def ray_options(resources: dict[str, float]) -> dict[str, Any]:
+    """A trial's resource request as options of a Ray task scoring the same model."""
+    return {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0),
+            "memory": resources.get("memory")}
+
+
 def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
     """Every 4-bit type a trial of this sweep can use: the baseline is scored once for each."""
     types = [sweep.quantization.quant_type]
@@ -63,7 +69,7 @@ def start_baselines(sweep: SweepConfig, types: list[str], done: dict[str, dict[s
     """Ray tasks scoring each missing baseline, running beside the trials."""
     import ray
 
-    remote = ray.remote(score_baseline).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    remote = ray.remote(score_baseline).options(**ray_options(resources))
     refs = {}
     for quant in types:
         if quant in done:
@@ -128,7 +134,7 @@ def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
         return {}
     reverse = sweep.search.direction == "maximize"
     top = sorted(finished, key=lambda r: r.data.metrics[metric], reverse=reverse)[:final.top_k]
-    remote = ray.remote(score_final).options(num_cpus=resources.get("cpu", 1), num_gpus=resources.get("gpu", 0))
+    remote = ray.remote(score_final).options(**ray_options(resources))
     refs = {run.info.run_id: remote.remote(str(trials_root / run.data.tags["qsweep.trial_id"]), final.limit,
                                            max(1, int(resources.get("cpu", 1))))
             for run in top}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ from typing import Any
 from qsweep import stages, tracking
 from qsweep.config import SearchConfig, SweepConfig, TrialConfig, dump_yaml
 from qsweep.objective import objective_value, searcher_metrics
-from qsweep.mirror import OBJECTIVE, TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
-from qsweep.resources import trial_resources
+from qsweep.mirror import FAILED, OBJECTIVE, TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
+from qsweep.packing import Machine, resources_for, this_machine
 from qsweep.space import DefineByRun, SearchSpace, apply_params
 from qsweep.state import SweepState, check_folder, fingerprint, output_folder, write_state
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 RAY_DIR = "ray"
 # A sweep whose first trials all fail stops after this many failures instead of failing all night.
 GIVE_UP_AFTER_FAILURES = 3
+RETRIES_ON_LOST_WORKER = 2
 
 
 @dataclass
@@ -58,16 +60,25 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     import torch
     from ray import tune
 
-    from qsweep.trial import run_trial
+    from qsweep.trial import release_memory_cap, run_trial
 
     torch.set_num_threads(max(1, threads))
     trial = apply_params(TrialConfig(**base), params)
+    cap_to_ray_share(trial)
     out_dir = Path(trials_root) / tune.get_context().get_trial_id()
     _log_to_file(out_dir / TRIAL_LOG)
     logger.info("config: %s", params)
-    outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
     search_config = SearchConfig(**search)
-    objective = objective_value(outcome.scores, search_config)
+    try:
+        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
+        objective = objective_value(outcome.scores, search_config)
+    except Exception:
+        # The trial's own failure (an exception, OOM, divergence, its time budget) is its result.
+        # Only a lost worker or node reaches Ray as an error, and Ray retries those elsewhere.
+        release_memory_cap()
+        logger.exception("trial failed")
+        tune.report({FAILED: traceback.format_exc(), "node_id": _node()["node_id"]})
+        return
     last_eval = [p["eval_loss"] for p in outcome.curve if "eval_loss" in p]
     tune.report({
         "step": trial.training.max_steps,
@@ -76,9 +87,28 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
         **{t.metric: outcome.metrics[t.metric] for t in search_config.tradeoffs},
         "scores": {**outcome.scores, **({OBJECTIVE: objective} if search_config.weights else {})},
         "measures": outcome.metrics,
-        "provenance": outcome.provenance,
+        "provenance": {**outcome.provenance, **_node()},
         "out_dir": str(out_dir),
     })
+
+
+def _node() -> dict[str, str]:
+    import socket
+
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
+
+
+def cap_to_ray_share(trial: TrialConfig) -> None:
+    """Caps this trial's process at the GPU share Ray gave it, so an overrun is its own OOM and
+    never a neighbour's. An explicit limits.memory_mb is applied by the trial itself instead."""
+    import ray
+    import torch
+
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
+    if torch.cuda.is_available() and share and trial.limits.memory_mb is None:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, share))
 
 
 def _final_score_searcher() -> type:
@@ -96,6 +126,8 @@ def _final_score_searcher() -> type:
                 super().on_trial_result(trial_id, result)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if result and FAILED in result:
+                result, error = None, True
             # With several objectives Ray would tell Optuna a list of Nones as values.
             if result and isinstance(self.metric, list) and OBJECTIVE not in result:
                 result = None
@@ -176,41 +208,41 @@ def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -
     return run_id
 
 
-def concurrency_limit(sweep: SweepConfig, resources: dict[str, float]) -> int:
+def concurrency_limit(sweep: SweepConfig) -> int:
+    """How many trials Optuna suggests ahead: one per CPU slot. Whether they run at once is Ray's
+    call, from each trial's own memory request."""
     import ray
 
     if sweep.search.max_concurrent:
         return sweep.search.max_concurrent
-    cluster = ray.cluster_resources()
-    slots = [cluster.get("CPU", 1) // resources.get("cpu", 1)]
-    if resources.get("gpu"):
-        slots.append(cluster.get("GPU", 0) // resources["gpu"])
-    return max(1, int(min(slots)))
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpus_per_trial))
 
 
-def _trainable(sweep: SweepConfig, trials_root: Path, resources: dict[str, float]) -> Any:
+def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
     from ray import tune
 
+    from qsweep.models import resolve_model
+
+    model_path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
     return tune.with_resources(
         tune.with_parameters(
             train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
             trials_root=str(trials_root), search=sweep.search.model_dump(mode="json"),
-            threads=max(1, int(resources.get("cpu", 1))),
+            threads=max(1, int(sweep.resources.cpus_per_trial)),
         ),
-        resources,
+        resources_for(sweep, model_path, machine),
     )
 
 
-def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState,
-               resources: dict[str, float]) -> Any:
+def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine) -> Any:
     from ray import tune
 
     health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
     mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
     return tune.Tuner(
-        _trainable(sweep, folder / "trials", resources),
+        _trainable(sweep, folder / "trials", machine),
         tune_config=tune.TuneConfig(
-            search_alg=build_searcher(sweep, space, concurrency_limit(sweep, resources), folder),
+            search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
             scheduler=build_scheduler(sweep),
             num_samples=sweep.search.num_trials,
             # A fresh process per trial: its peak memory is its own, and a crash takes nobody else.
@@ -219,6 +251,8 @@ def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swee
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror],
             stop=AllFailingStopper(health),
+            # Only a dead worker or node is a Ray error (see train_trial): retry it elsewhere.
+            failure_config=tune.FailureConfig(max_failures=RETRIES_ON_LOST_WORKER),
         ),
     )
 
@@ -241,25 +275,43 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
                            sweep.tracking.uri)
         write_state(folder, state)
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
-    resources = trial_resources(sweep)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+            # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
+            # by what was freed, not by what is in use.
+            "MALLOC_MMAP_THRESHOLD_": "131072",
+        }})
+    machine = this_machine()
+    from qsweep.models import resolve_model
+
+    resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
+                              machine)({})
     types = stages.quant_types(sweep, space)
     baselines = stages.logged_baselines(sweep.tracking.uri, state.parent_run_id, types)
     baseline_refs = stages.start_baselines(sweep, types, baselines, resources)
     if resuming:
         logger.info("resuming sweep %s from %s", sweep.name, folder)
-        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", resources),
+        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
                                    resume_unfinished=True, resume_errored=False, restart_errored=False)
     else:
-        tuner = _new_tuner(sweep, space, folder, state, resources)
+        tuner = _new_tuner(sweep, space, folder, state, machine)
     grid = tuner.fit()
     baselines.update({quant: ray.get(ref) for quant, ref in baseline_refs.items()})
     stages.log_baselines(sweep.tracking.uri, state.parent_run_id, baselines, sweep.quantization.quant_type)
     runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
     stages.log_deltas(sweep.tracking.uri, runs, baselines)
     final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+    log_search_insight(sweep, state, folder)
     return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+
+
+def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:
+    """Optuna's parameter importances and history, as PNGs and a JSON table on the parent run."""
+    from qsweep import ablation
+
+    study = ablation.load_study(folder, sweep.name)
+    ablation.log_search_insight(tracking.client(sweep.tracking.uri), state.parent_run_id, study,
+                                folder / "search_insight", metric=sweep.search.metric)
 
 
 def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float],
@@ -267,7 +319,7 @@ def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline
     mlflow_client = tracking.client(sweep.tracking.uri)
     results = list(grid)
     finished = [r for r in results if r.error is None and r.metrics and OBJECTIVE in r.metrics]
-    failed = [r for r in results if r.error is not None]
+    failed = [r for r in results if r.error is not None or (r.metrics and FAILED in r.metrics)]
     stopped = len(results) - len(finished) - len(failed)
     best = None
     if finished:
@@ -276,7 +328,7 @@ def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline
         best = {"trial_id": top.metrics["trial_id"], "config": top.config, OBJECTIVE: top.metrics[OBJECTIVE]}
     gave_up = None
     if not finished and len(failed) >= min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials):
-        last = str(failed[-1].error).strip().splitlines()[-1] if failed else ""
+        last = str(failed[-1].error or failed[-1].metrics.get(FAILED)).strip().splitlines()[-1] if failed else ""
         gave_up = f"the first {len(failed)} trials all failed, so the sweep stopped; last error: {last}"
     summary_metrics = {"trials_finished": len(finished), "trials_stopped": stopped, "trials_failed": len(failed)}
     if best:

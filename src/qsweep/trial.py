@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from qsweep.config import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
+from qsweep.estimate import estimate_trial_memory
 from qsweep.data import data_hash, load_rows, tokenize_rows
 from qsweep.evaluate import score
 from qsweep.models import resolve_model
@@ -39,6 +40,12 @@ def check_budget(started: float, budget: float | None, where: str) -> None:
     elapsed = time.perf_counter() - started
     if budget is not None and elapsed > budget:
         raise TrialTimeout(f"ran {elapsed:.1f} s, over limits.time_budget_s = {budget:g} s ({where})")
+
+
+def release_memory_cap() -> None:
+    """Lifts the CPU cap again, so a trial that hit it can still report its own failure."""
+    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
 
 
 def cap_memory(memory_mb: float | None) -> None:
@@ -140,11 +147,48 @@ def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[
     return get_peft_model(model, lora)
 
 
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated by this process, or its peak resident set on a CPU."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def tensor_bytes(model: Any) -> int:
+    """Bytes of every parameter and buffer, 4-bit storage and its quantization state included."""
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
+                         if isinstance(v, torch.Tensor))
+    return total
+
+
+class PeakMemory:
+    """The training peak, measured like the estimator counts it (so the two can be compared).
+
+    On CUDA: torch's peak allocation. On a CPU, ru_maxrss would be dominated by the interpreter and
+    its libraries (~550 MiB) and by transient copies while loading, so the peak resident set is reset
+    once the model is in memory and the model's own tensor bytes are added to its growth from there.
+    """
+
+    def __init__(self, model: Any):
+        self.model_bytes = tensor_bytes(model)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        self.rss_kb = _proc_status_kb("VmRSS")
+
+    def mb(self) -> float:
+        if torch.cuda.is_available():
+            return torch.cuda.max_memory_allocated() / 2**20
+        growth = max(0, _proc_status_kb("VmHWM") - self.rss_kb) * 1024
+        return (self.model_bytes + growth) / 2**20
 
 
 def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: torch.dtype, has_eval: bool) -> Any:
@@ -251,6 +295,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
     )
 
+    estimate = estimate_trial_memory(trial, model_info.path, device_type())
+    peak = PeakMemory(model)
     data = trial.data
     encode = lambda source: tokenize_rows(  # noqa: E731
         load_rows(source, base_dir), tokenizer, data.prompt, data.completion, data.max_seq_length
@@ -269,6 +315,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     train_started = time.perf_counter()
     train_output = trainer.train()
     train_seconds = time.perf_counter() - train_started
+    peak_mb = peak.mb()
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -297,12 +344,15 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "train_loss": float(train_output.training_loss),
-        "peak_memory_mb": peak_memory_mb(),
+        "peak_memory_mb": peak_mb,
+        # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
+        "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
+    metrics["memory_ratio"] = metrics["peak_memory_mb"] / metrics["memory_estimate_mb"]
     return TrialOutcome(result.scores, metrics, provenance, adapter_dir, results_file, samples_file, curve)
 
 

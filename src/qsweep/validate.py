@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from qsweep.config import SweepConfig, SweepFileError, TrialConfig, describe_validation_error
 from qsweep.data import LOCAL_FORMATS, is_local, local_path, template_fields
+from qsweep.models import is_local_or_embedded
 from qsweep.evaluate import builtin_task_names, include_dirs, local_tasks, task_manager
 from qsweep.models import EMBEDDED
 from qsweep.space import ParamSpec, SearchSpace, apply_params, check_space, find_space_file, load_space
@@ -324,11 +325,26 @@ def _builtin_members(name: str, seen: set[str] | None = None) -> set[str]:
     return members
 
 
-def _check_metric_task(sweep: SweepConfig) -> list[str]:
-    metric, tasks = sweep.search.metric, sweep.evaluation.tasks
+def _ranked_metrics(sweep: SweepConfig) -> list[tuple[str, str]]:
+    """(field, metric) of every score the objective is built from."""
+    if sweep.search.weights:
+        return [(f"search.weights.{m}", m) for m in sweep.search.weights]
+    return [("search.metric", sweep.search.metric)]
+
+
+def _check_metrics(sweep: SweepConfig) -> list[str]:
+    problems = []
+    for field, metric in _ranked_metrics(sweep):
+        # The metric's name is only worth checking once its task is known to be evaluated.
+        problems += _check_metric_task(sweep, field, metric) or _check_metric_name(sweep, field, metric)
+    return problems
+
+
+def _check_metric_task(sweep: SweepConfig, field: str, metric: str) -> list[str]:
+    tasks = sweep.evaluation.tasks
     task, _, name = metric.partition("/")
     if not task or not name:
-        return [f"search.metric: {metric!r} is not TASK/METRIC; write it as lm-eval reports it, e.g. "
+        return [f"{field}: {metric!r} is not TASK/METRIC; write it as lm-eval reports it, e.g. "
                 f"{tasks[0]}/acc"]
     if task in tasks:
         return []
@@ -337,15 +353,15 @@ def _check_metric_task(sweep: SweepConfig) -> list[str]:
     builtin = [t for t in tasks if t not in local]
     if builtin and any(t in builtin_task_names() and task in _builtin_members(t) for t in builtin):
         return []
-    return [f"search.metric: task {task!r} is not evaluated (evaluation.tasks: {tasks}), so no trial would "
+    return [f"{field}: task {task!r} is not evaluated (evaluation.tasks: {tasks}), so no trial would "
             f"get a score; use one of those tasks, e.g. {tasks[0]}/{name}, or add {task} to evaluation.tasks"]
 
 
-def _check_metric_name(sweep: SweepConfig) -> list[str]:
+def _check_metric_name(sweep: SweepConfig, field: str, metric: str) -> list[str]:
     """For a local task that lists its metrics, the metric part must be one of them."""
     import yaml
 
-    task, _, name = sweep.search.metric.partition("/")
+    task, _, name = metric.partition("/")
     local = _local_tasks(sweep)
     if task not in local or task not in sweep.evaluation.tasks:
         return []
@@ -359,7 +375,7 @@ def _check_metric_name(sweep: SweepConfig) -> list[str]:
     known = [m["metric"] for m in metrics if isinstance(m, dict) and isinstance(m.get("metric"), str)]
     if not known or name in known or name in {f"{k}_stderr" for k in known}:
         return []
-    return [f"search.metric: task {task!r} reports {', '.join(known)}, not {name!r}; use e.g. {task}/{known[0]}"]
+    return [f"{field}: task {task!r} reports {', '.join(known)}, not {name!r}; use e.g. {task}/{known[0]}"]
 
 
 # --- model and target modules --------------------------------------------------------------------
@@ -548,20 +564,44 @@ def _check_output_dir(output_dir: str) -> list[str]:
 # --- all together --------------------------------------------------------------------------------
 
 
-def validate_sweep(sweep: SweepConfig, source: str) -> SearchSpace | None:
-    """Raises SweepFileError with every problem found; returns the loaded search space."""
-    space, space_file, problems = _load_space(sweep)
+def _check_fits(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
+    """The smallest trial the sweep can run must fit this machine's device; checked last, since it
+    needs the model's config and a valid space."""
+    from qsweep.packing import DoesNotFit, check_fits, extreme_trials, this_machine, trial_estimate
+
+    if not is_local_or_embedded(sweep.model.name, sweep.base_dir):
+        return []
+    from qsweep.models import resolve_model
+
+    machine = this_machine()
+    path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
+    smallest = extreme_trials(sweep, space)["smallest"]
+    try:
+        check_fits(trial_estimate(smallest, path, machine.device), machine)
+    except DoesNotFit as exc:
+        return [f"resources: {exc}"]
+    return []
+
+
+def validate_sweep(sweep: SweepConfig, source: str, space: SearchSpace | None = None) -> SearchSpace | None:
+    """Raises SweepFileError with every problem found; returns the search space, loaded from
+    search.space unless one is given (an ablation builds its own)."""
+    if space is None:
+        space, space_file, problems = _load_space(sweep)
+    else:
+        space_file, problems = "ablation", [f"ablation: {p}" for p in check_space(space, sweep.trial())]
     if space is not None:
         problems += _check_when_values(space, space_file)
     problems += _check_baselines(sweep, space)
     problems += _check_data(sweep.trial(), sweep.base_dir)
     problems += _check_asha_validation(sweep) + _check_asha_grace(sweep) + _check_asha_eval_every(sweep)
     problems += _check_tasks(sweep.trial(), sweep.base_dir)
-    # The metric's name is only worth checking once its task is known to be evaluated.
-    problems += _check_metric_task(sweep) or _check_metric_name(sweep)
+    problems += _check_metrics(sweep)
     problems += _check_model(sweep, space)
     problems += _check_tracking(sweep.tracking.uri)
     problems += _check_output_dir(sweep.output_dir)
+    if not problems:
+        problems += _check_fits(sweep, space)
     if problems:
         raise SweepFileError(source, problems)
     return space

@@ -1,0 +1,135 @@
+"""Packing trials by memory: each trial asks Ray for the share its own config needs.
+
+A rank-8 attention-only trial and a rank-128 all-linear trial need very different memory, so a
+fixed `gpu: 0.25` either crashes the big one or idles the card. Ray Tune takes a function of the
+config for the request (`tune.with_resources`); this module is that function, plus the refusal of a
+sweep whose smallest trial cannot fit, and the calibration learned from measured peaks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from qsweep.config import SweepConfig, TrialConfig
+from qsweep.estimate import MemoryEstimate, estimate_trial_memory
+from qsweep.models import cache_dir
+from qsweep.space import SearchSpace, apply_params
+
+# Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
+SAFETY_MARGIN = 1.15
+CALIBRATION_FILE = "calibration.json"
+# Ray rounds resource requests to 4 decimals.
+RAY_PRECISION = 1e-4
+
+
+class DoesNotFit(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Machine:
+    device: str  # "cuda" or "cpu"
+    memory_mb: float  # one card's memory on CUDA, the machine's RAM on a CPU
+
+
+def this_machine() -> Machine:
+    import torch
+
+    if torch.cuda.is_available():
+        return Machine("cuda", torch.cuda.get_device_properties(0).total_memory / 2**20)
+    import os
+
+    return Machine("cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+
+
+def calibration(device: str) -> float:
+    """The factor learned by `qsweep calibrate` (measured / estimated peak), 1.0 until then."""
+    path = cache_dir() / CALIBRATION_FILE
+    if not path.exists():
+        return 1.0
+    return float(json.loads(path.read_text()).get(device, {}).get("factor", 1.0))
+
+
+def budget_mb(estimate: MemoryEstimate) -> float:
+    """What one trial is given: the calibrated estimate with the safety margin. On CUDA the context
+    is outside torch's allocator (and outside its per-process cap), so only tensors count there."""
+    needed = estimate.tensors if estimate.device == "cuda" else estimate.total
+    return needed * calibration(estimate.device) * SAFETY_MARGIN
+
+
+def resource_request(estimate: MemoryEstimate, machine: Machine, cpus: float) -> dict[str, float]:
+    if machine.device == "cuda":
+        share = (budget_mb(estimate) + estimate.runtime_overhead) / machine.memory_mb
+        return {"cpu": cpus, "gpu": min(1.0, math.ceil(share / RAY_PRECISION) * RAY_PRECISION)}
+    return {"cpu": cpus, "memory": math.ceil(budget_mb(estimate) * 2**20)}
+
+
+def trial_estimate(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
+    return estimate_trial_memory(trial, model_path, device)
+
+
+def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Callable[[dict], dict[str, float]]:
+    """The function Ray calls with each trial's config to size its request."""
+    base = sweep.trial()
+    cpus = sweep.resources.cpus_per_trial
+    fixed = sweep.resources.gpus_per_trial
+
+    def request(config: dict[str, Any]) -> dict[str, float]:
+        if machine.device == "cuda" and fixed != "auto":
+            return {"cpu": cpus, "gpu": float(fixed)}
+        trial = apply_params(base, config)
+        return resource_request(trial_estimate(trial, model_path, machine.device), machine, cpus)
+
+    return request
+
+
+def extreme_trials(sweep: SweepConfig, space: SearchSpace | None) -> dict[str, TrialConfig]:
+    """The baseline config, and the smallest and largest trials the space allows (each param set
+    to its most, then least, memory-hungry edge value, one at a time, as memory grows monotonically
+    in every searched field)."""
+    base = sweep.trial()
+    found = {"baseline": base}
+    if space is None or not space.params:
+        return found | {"smallest": base, "largest": base}
+    return found | {"smallest": _greedy(sweep, space, smallest=True), "largest": _greedy(sweep, space, smallest=False)}
+
+
+def _greedy(sweep: SweepConfig, space: SearchSpace, smallest: bool) -> TrialConfig:
+    from qsweep.models import resolve_model
+
+    path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
+    chosen: dict[str, Any] = {}
+    for name, spec in space.params.items():
+        options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, name: v}), path, "cpu").total, i, v)
+                   for i, v in enumerate(spec.edge_values())]
+        chosen[name] = (min(options) if smallest else max(options))[2]
+    return apply_params(sweep.trial(), chosen)
+
+
+def check_fits(smallest: MemoryEstimate, machine: Machine) -> None:
+    needed = budget_mb(smallest) + (smallest.runtime_overhead if machine.device == "cuda" else 0)
+    if needed > machine.memory_mb:
+        where = "one GPU" if machine.device == "cuda" else "this machine"
+        raise DoesNotFit(
+            f"the smallest trial of this sweep needs {needed:,.0f} MiB (estimate {smallest.total:,.0f} MiB with "
+            f"x{SAFETY_MARGIN} margin) but {where} has {machine.memory_mb:,.0f} MiB; lower training.batch_size or "
+            "data.max_seq_length, turn on training.gradient_checkpointing, or use a smaller model"
+        )
+
+
+def fit_calibration(pairs: list[tuple[float, float]]) -> float:
+    """The factor that covers the measured peaks: the largest measured/estimated ratio seen, so a
+    packed trial is never given less than the worst one needed (>= 1 run required)."""
+    return max(measured / estimated for estimated, measured in pairs)
+
+
+def save_calibration(device: str, factor: float, runs: int) -> Path:
+    path = cache_dir() / CALIBRATION_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[device] = {"factor": factor, "runs": runs}
+    path.write_text(json.dumps(data, indent=2))
+    return path

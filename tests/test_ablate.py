@@ -1,0 +1,89 @@
+"""A small ablation end to end (tiny model, 2 values x 2 seeds): the report's numbers equal those
+recomputed by hand from the per-item outputs logged on each trial's MLflow run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from qsweep.cli import app
+from qsweep.tracking import client
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory, tiny_sweep_base) -> dict:
+    workdir = tmp_path_factory.mktemp("ablation")
+    config = copy.deepcopy(tiny_sweep_base)
+    config.pop("search")
+    config["name"] = "abl"
+    config["evaluation"]["limit"] = 16
+    config["ablation"] = {"factors": {"quantization.quant_type": ["nf4", "fp4"]}, "seeds": [0, 1],
+                          "metric": "zorble/acc"}
+    config["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db"}
+    config["output_dir"] = str(workdir / "runs")
+    path = workdir / "ablation.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = CliRunner().invoke(app, ["ablate", str(path)], catch_exceptions=False)
+    return {"result": result, "workdir": workdir, "uri": config["tracking"]["uri"]}
+
+
+def _per_item(uri: str) -> dict[tuple[str, int], dict[int, float]]:
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name("abl")
+    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+    items = {}
+    for run in runs:
+        local = mlflow_client.download_artifacts(run.info.run_id, "lm_eval_samples.jsonl")
+        rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
+        key = (run.data.params["quantization.quant_type"], int(run.data.params["training.seed"]))
+        items[key] = {r["doc_id"]: r["acc"] for r in rows}
+    return items
+
+
+def test_the_ablation_runs_every_cell_and_seed(ablation_run):
+    result = ablation_run["result"]
+    assert result.exit_code == 0, result.output
+    assert "finished 4, failed 0" in result.output
+    assert set(_per_item(ablation_run["uri"])) == {("nf4", 0), ("nf4", 1), ("fp4", 0), ("fp4", 1)}
+
+
+def test_report_numbers_equal_those_recomputed_from_logged_items(ablation_run):
+    report = json.loads((ablation_run["workdir"] / "runs" / "abl" / "report" / "ablation_report.json").read_text())
+    items = _per_item(ablation_run["uri"])
+    for cell in report["cells"]:
+        quant = cell["cell"]["quantization.quant_type"]
+        scores = [sum(items[(quant, seed)].values()) / len(items[(quant, seed)]) for seed in (0, 1)]
+        mean = sum(scores) / 2
+        sd = math.sqrt(sum((s - mean) ** 2 for s in scores))
+        half = 12.706204736174707 * sd / math.sqrt(2)
+        assert cell["mean"] == pytest.approx(mean, abs=1e-12)
+        assert cell["ci_low"] == pytest.approx(mean - half, abs=1e-9)
+        assert cell["ci_high"] == pytest.approx(mean + half, abs=1e-9)
+    (comparison,) = report["comparisons"]
+    assert (comparison["value"], comparison["reference"]) == ("fp4", "nf4")
+    docs = sorted(items[("nf4", 0)])
+    diff = sum((items[("fp4", 0)][d] + items[("fp4", 1)][d]) / 2 - (items[("nf4", 0)][d] + items[("nf4", 1)][d]) / 2
+               for d in docs) / len(docs)
+    assert comparison["diff"] == pytest.approx(diff, abs=1e-12)
+    assert 0 < comparison["p_bootstrap"] <= 1
+    b = sum(1 for d in docs if items[("nf4", 0)][d] == 1 and items[("fp4", 0)][d] == 0)
+    c = sum(1 for d in docs if items[("nf4", 0)][d] == 0 and items[("fp4", 0)][d] == 1)
+    expected = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
+    assert comparison["p_mcnemar"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_and_plot_are_on_the_parent_run(ablation_run):
+    mlflow_client = client(ablation_run["uri"])
+    experiment = mlflow_client.get_experiment_by_name("abl")
+    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "ablation")}
+    assert {"ablation/ablation_report.md", "ablation/ablation_report.json", "ablation/ablation_cells.png"} <= names
+    assert "| fp4 |" in ablation_run["result"].output or "fp4" in ablation_run["result"].output
