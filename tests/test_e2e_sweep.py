@@ -31,6 +31,8 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base) -> dict:
             {"quantization.quant_type": "fp4", "lora.target_modules": "attention", "lora.r": 4},
         ],
     }
+    # Scored on a seeded 8 items during the search, then both re-scored on all 38 at the end.
+    sweep["evaluation"]["final"] = {"top_k": 2}
     path = workdir / "tiny.yaml"
     path.write_text(yaml.safe_dump(sweep))
     result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
@@ -194,3 +196,55 @@ def test_export_scores_the_same_under_lm_evals_own_cli(finished_sweep, tmp_path)
     )
     results = json.loads(next(out.rglob("results*.json")).read_text())
     assert results["results"]["zorble"]["acc,none"] == pytest.approx(logged.data.metrics["zorble/acc"], abs=1e-9)
+
+
+def _artifact_json(finished_sweep, run_id: str, name: str, tmp_path: Path) -> dict:
+    from qsweep.tracking import client
+
+    return json.loads(Path(client(finished_sweep["uri"]).download_artifacts(run_id, name, str(tmp_path))).read_text())
+
+
+def test_cheap_and_final_stages_score_the_items_they_claim(finished_sweep, tmp_path):
+    from qsweep.tracking import client
+
+    test_items = sum(1 for _ in open(Path(__file__).resolve().parent.parent / "evaluation/tasks/zorble/test.jsonl"))
+    cheap_ids = set()
+    for run in _trial_runs(finished_sweep["uri"]):
+        run_id = run.info.run_id
+        cheap = _artifact_json(finished_sweep, run_id, "lm_eval_results.json", tmp_path / run_id)["items"]["zorble"]
+        samples = client(finished_sweep["uri"]).download_artifacts(run_id, "lm_eval_samples.jsonl", str(tmp_path / run_id))
+        scored = sorted(json.loads(line)["doc_id"] for line in Path(samples).read_text().splitlines())
+        assert scored == sorted(cheap) and len(cheap) == 8
+        cheap_ids.add(tuple(cheap))
+        final = _artifact_json(finished_sweep, run_id, "final_items.json", tmp_path / run_id)["items"]
+        assert final is None or len(final["zorble"]) == test_items
+        assert "final/zorble/acc" in run.data.metrics
+        hits = [json.loads(line)["acc"] for line in Path(samples).read_text().splitlines()]
+        assert run.data.metrics["zorble/acc"] == pytest.approx(sum(hits) / len(hits))
+    assert len(cheap_ids) == 1, "every trial must be scored on the same seeded items"
+
+
+def test_baselines_per_quant_type_and_each_trials_delta(finished_sweep):
+    from qsweep.tracking import client
+
+    mlflow_client = client(finished_sweep["uri"])
+    experiment = mlflow_client.get_experiment_by_name("e2e")
+    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    baselines = {q: parent.data.metrics[f"baseline/{q}/zorble/acc"] for q in ("nf4", "fp4")}
+    assert parent.data.metrics["baseline/zorble/acc"] == baselines["nf4"]
+    assert parent.data.metrics["stages_agree"] in (0.0, 1.0)
+    assert parent.data.tags["qsweep.winner.final"]
+    for run in _trial_runs(finished_sweep["uri"]):
+        quant = run.data.params["quantization.quant_type"]
+        assert run.data.metrics["delta/zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"] - baselines[quant])
+
+
+def test_search_insight_is_on_the_parent_run(finished_sweep):
+    from qsweep.tracking import client
+
+    mlflow_client = client(finished_sweep["uri"])
+    experiment = mlflow_client.get_experiment_by_name("e2e")
+    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "search_insight")}
+    assert {"search_insight/search_insight.json", "search_insight/param_importances.png",
+            "search_insight/optimization_history.png"} <= names

@@ -132,3 +132,25 @@ def test_string_data_files_are_resolved_against_the_yaml(tmp_path):
     _write_task(tmp_path / "t", "str_task", " rows.jsonl")
     (spec,) = task_specs(["str_task"], include_dirs([str(tmp_path / "t")], tmp_path))
     assert spec["dataset_kwargs"]["data_files"] == str(tmp_path / "t" / "rows.jsonl")
+
+
+def test_the_shipped_groups_for_hub_users_are_known_to_lm_eval():
+    from qsweep.evaluate import builtin_task_names, task_manager
+
+    assert {"qsweep_reasoning", "qsweep_knowledge"} <= builtin_task_names()
+    entry = task_manager(True).task_index["qsweep_reasoning"]
+    assert entry is not None
+
+
+def test_the_weighted_objective_is_computed_as_documented():
+    from qsweep.config import SearchConfig
+    from qsweep.objective import objective_value
+
+    search = SearchConfig(weights={"mmlu": 0.7, "arc_easy": 0.3})
+    assert search.metric == "objective" and search.weights == {"mmlu/acc": 0.7, "arc_easy/acc": 0.3}
+    assert objective_value({"mmlu/acc": 0.5, "arc_easy/acc": 0.8}, search) == pytest.approx(0.7 * 0.5 + 0.3 * 0.8)
+    lower_is_better = SearchConfig(weights={"a/acc": 1.0, "b/word_perplexity": -0.5})
+    assert objective_value({"a/acc": 0.6, "b/word_perplexity": 20.0}, lower_is_better) == pytest.approx(
+        (0.6 - 0.5 * 20.0) / 1.5)
+    with pytest.raises(KeyError, match="search.weights"):
+        objective_value({"mmlu/acc": 0.5}, search)

@@ -1,0 +1,88 @@
+"""Packing by memory: each trial's Ray request follows its own config's estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from qsweep import tracking
+from qsweep.config import SweepConfig
+from qsweep.packing import (
+    SAFETY_MARGIN, DoesNotFit, Machine, budget_mb, check_fits, extreme_trials, fit_calibration, resources_for,
+    save_calibration, calibration, trial_estimate,
+)
+from qsweep.space import SearchSpace, ParamSpec
+
+H100 = Machine("cuda", 80 * 1024)
+
+
+def test_a_rank_8_and_a_rank_128_trial_ask_for_different_gpu_shares(tiny_sweep_dict, tiny_llama):
+    tiny_sweep_dict["resources"] = {"cpus_per_trial": 1}
+    request = resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, H100)
+    small = request({"lora.r": 8, "lora.target_modules": "attention"})
+    large = request({"lora.r": 128, "lora.target_modules": "all-linear"})
+    assert 0 < small["gpu"] < large["gpu"] <= 1
+    assert small["cpu"] == large["cpu"] == 1
+
+
+def test_the_request_is_the_estimate_with_margin_plus_context(tiny_sweep_dict, tiny_llama):
+    sweep = SweepConfig(**tiny_sweep_dict)
+    estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda")
+    share = resources_for(sweep, tiny_llama, H100)({})["gpu"]
+    expected = (estimate.tensors * SAFETY_MARGIN + estimate.runtime_overhead) / H100.memory_mb
+    assert share == pytest.approx(expected, abs=1e-4)
+    assert budget_mb(estimate) == pytest.approx(estimate.tensors * SAFETY_MARGIN)
+
+
+def test_a_fixed_gpu_share_is_kept_when_asked(tiny_sweep_dict, tiny_llama):
+    tiny_sweep_dict["resources"] = {"cpus_per_trial": 2, "gpus_per_trial": 0.5}
+    assert resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, H100)({}) == {"cpu": 2, "gpu": 0.5}
+
+
+def test_on_a_cpu_the_request_is_rays_memory_resource(tiny_sweep_dict, tiny_llama):
+    request = resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, Machine("cpu", 24 * 1024))({})
+    assert set(request) == {"cpu", "memory"} and request["memory"] > 0
+
+
+def test_extremes_of_the_space_bracket_the_baseline(tiny_sweep_dict, tiny_llama):
+    sweep = SweepConfig(**tiny_sweep_dict)
+    space = SearchSpace(params={"lora.r": ParamSpec(choices=[4, 64]), "training.batch_size": ParamSpec(choices=[1, 16])})
+    trials = extreme_trials(sweep, space)
+    assert (trials["smallest"].lora.r, trials["smallest"].training.batch_size) == (4, 1)
+    assert (trials["largest"].lora.r, trials["largest"].training.batch_size) == (64, 16)
+    sizes = {name: trial_estimate(t, tiny_llama, "cpu").total for name, t in trials.items()}
+    assert sizes["smallest"] <= sizes["baseline"] <= sizes["largest"]
+
+
+def test_a_sweep_whose_smallest_trial_cannot_fit_is_refused_with_the_numbers(tiny_sweep_dict, tiny_llama):
+    estimate = trial_estimate(SweepConfig(**tiny_sweep_dict).trial(), tiny_llama, "cuda")
+    with pytest.raises(DoesNotFit, match="MiB"):
+        check_fits(estimate, Machine("cuda", 100))
+    check_fits(estimate, H100)
+
+
+def test_calibrate_fits_the_worst_measured_ratio_and_later_estimates_use_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path))
+    assert calibration("cpu") == 1.0
+    factor = fit_calibration([(100.0, 90.0), (200.0, 230.0), (50.0, 52.0)])
+    assert factor == pytest.approx(1.15)
+    save_calibration("cpu", factor, 3)
+    assert calibration("cpu") == pytest.approx(1.15)
+    assert calibration("cuda") == 1.0
+
+
+def test_calibrate_command_reads_measured_peaks_from_mlflow(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qsweep.cli import app
+
+    monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = tracking.ensure_experiment(uri, "calib")
+    mlflow_client = tracking.client(uri)
+    for estimate, peak in ((1000.0, 1040.0), (500.0, 480.0)):
+        run_id = tracking.start_run(mlflow_client, experiment_id, "t", {"qsweep.outcome": "finished"})
+        tracking.log_batch(mlflow_client, run_id, params={"provenance.device": "cpu"},
+                           metrics={"memory_estimate_mb": estimate, "peak_memory_mb": peak})
+    result = CliRunner().invoke(app, ["calibrate", "--tracking-uri", uri])
+    assert result.exit_code == 0, result.output
+    assert calibration("cpu") == pytest.approx(1.04)
