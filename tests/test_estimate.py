@@ -1,8 +1,9 @@
 """The memory estimator against real QLoRA training on the CPU.
 
-What is measured, and why: `trial.peak_memory_mb()` on a CPU is ru_maxrss, which is mostly the
-interpreter and its libraries (~550 MiB here) plus fp32 weights that exist only while the model is
-being quantized, so no estimate of training memory could be held to +/-15% against it. The GPU
+What is measured, and why: a CPU process's ru_maxrss is mostly the interpreter and its libraries
+(~550 MiB here) plus fp32 weights that exist only while the model is being quantized, so no
+estimate of training memory could be held to +/-15% against it (trial.PeakMemory, which every
+trial logs, therefore measures the same way as the RSS cross-check below). The GPU
 figure the estimator stands for is torch.cuda.max_memory_allocated: bytes of live tensors at their
 peak. Its CPU twin is measured here as
 

@@ -11,11 +11,10 @@ import itertools
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from qsweep.config import (
-    ResourcesConfig, Strict, SweepConfig, SweepFileError, TrackingConfig, TrialConfig, describe_validation_error,
-    read_yaml,
+    ClusterConfig, ResourcesConfig, Strict, SweepConfig, TrackingConfig, TrialConfig, load_config,
 )
 from qsweep.space import ParamSpec, Scalar, SearchSpace
 
@@ -35,18 +34,13 @@ class AblationConfig(TrialConfig):
     ablation: AblationSpec
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output_dir: str = "runs"
     base_dir: Path = Field(default=Path("."), exclude=True)
 
 
 def load_ablation(path: Path) -> AblationConfig:
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SweepFileError(str(path), ["the file must be a mapping of keys (name, ablation, model, data, ...)"])
-    try:
-        return AblationConfig(**raw, base_dir=path.resolve().parent)
-    except ValidationError as exc:
-        raise SweepFileError(str(path), describe_validation_error(exc)) from None
+    return load_config(path, AblationConfig)
 
 
 def ablation_space(spec: AblationSpec) -> SearchSpace:
@@ -73,6 +67,7 @@ def as_sweep(ablation: AblationConfig) -> tuple[SweepConfig, SearchSpace]:
                 "max_concurrent": spec.max_concurrent, "asha": {"enabled": False}},
         tracking=ablation.tracking.model_dump(),
         resources=ablation.resources.model_dump(),
+        cluster=ablation.cluster.model_dump(),
         output_dir=ablation.output_dir,
         base_dir=ablation.base_dir,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -207,6 +207,9 @@ class SweepConfig(TrialConfig):
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
 
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
 class SweepFileError(Exception):
     """A problem the user can fix in the sweep file; every problem found, each on its own line."""
 
@@ -255,15 +258,20 @@ def read_yaml(path: Path) -> Any:
         raise SweepFileError(str(path), [f"{where}invalid YAML: {getattr(exc, 'problem', exc)}"]) from None
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
+def load_config(path: str | Path, model: type[ConfigT]) -> ConfigT:
+    """A sweep-like YAML file as `model`; relative paths in it are relative to the file."""
     path = Path(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SweepFileError(str(path), ["the file must be a mapping of keys (name, model, data, ...)"])
     try:
-        return SweepConfig(**raw, base_dir=path.resolve().parent)
+        return model(**raw, base_dir=path.resolve().parent)
     except ValidationError as exc:
         raise SweepFileError(str(path), describe_validation_error(exc)) from None
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    return load_config(path, SweepConfig)
 
 
 def dump_yaml(data: Any) -> str:

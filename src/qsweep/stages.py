@@ -16,6 +16,7 @@ import yaml
 
 from qsweep import tracking
 from qsweep.config import SweepConfig, TrialConfig
+from qsweep.objective import objective_value
 from qsweep.space import SearchSpace
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
         outcome = ray.get(ref)
         scores = outcome["scores"]
         if sweep.search.weights:
-            from qsweep.objective import objective_value
-
             scores = {**scores, "objective": objective_value(scores, sweep.search)}
         results[run_id] = scores
         tracking.log_batch(mlflow_client, run_id, metrics={f"final/{k}": v for k, v in scores.items()})
