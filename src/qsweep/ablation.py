@@ -625,6 +625,9 @@ def plot_history(study: Any, path: Path | str, metric: str = "objective") -> Pat
     ax.scatter(numbers, [t["value"] for t in scored], s=24, color="#4c72b0", label="trial score", zorder=3)
     ax.step(numbers, [t["best_so_far"] for t in scored], where="post", color="#dd8452", linewidth=2,
             label=f"best so far ({direction})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers are whole
     ax.set_xlabel("trial number")
     ax.set_ylabel(metric)
     extra = f", {unscored} stopped early or failed (no score)" if unscored else ""
