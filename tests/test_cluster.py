@@ -70,7 +70,7 @@ def postgres_uri() -> str:
     data = base / "data"
     started = subprocess.run(
         ["bash", str(POSTGRES_SH), "start", str(data), str(_free_port())],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "QSWEEP_PG_DRIVER": driver},
+        check=False, capture_output=True, text=True, timeout=900, env={**os.environ, "QSWEEP_PG_DRIVER": driver},
     )
     if started.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
@@ -79,7 +79,8 @@ def postgres_uri() -> str:
     try:
         yield started.stdout.strip().splitlines()[-1]
     finally:
-        subprocess.run(["bash", str(POSTGRES_SH), "destroy", str(data)], capture_output=True, timeout=120)
+        subprocess.run(["bash", str(POSTGRES_SH), "destroy", str(data)], check=False, capture_output=True,
+                       timeout=120)
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -143,10 +144,12 @@ def ray_cluster():
         cluster.shutdown()
 
 
-def _write_sweep(workdir: Path, base: dict, name: str, tracking_uri: str) -> Path:
+def _write_sweep(workdir: Path, base: dict, name: str, tracking_uri: str, address: str | None = None) -> Path:
     sweep = copy.deepcopy(base)
     sweep["name"] = name
     sweep["tracking"] = {"uri": tracking_uri, "experiment": name}
+    if address:
+        sweep["cluster"] = {"address": address}
     # One folder every node reaches (here the same disk; on real machines NFS or similar).
     sweep["output_dir"] = str(workdir / "shared")
     sweep["search"].update({"num_trials": NUM_TRIALS, "asha": {"enabled": False}})
@@ -298,7 +301,7 @@ class NodeKiller(threading.Thread):
                 if self._try_kill():
                     return
                 time.sleep(0.5)
-        except BaseException as exc:  # surfaced by the test
+        except Exception as exc:  # noqa: BLE001 - re-raised in the test
             self.error = exc
 
     def _try_kill(self) -> bool:
@@ -323,13 +326,14 @@ class NodeKiller(threading.Thread):
 
 def test_killing_a_worker_node_loses_no_finished_trial(tmp_path, tiny_sweep_base, mlflow_server):
     uri, name = mlflow_server["uri"], "cluster-kill"
-    path = _write_sweep(tmp_path, tiny_sweep_base, name, uri)
     with ray_cluster() as (cluster, worker):
+        # This time the address comes from the sweep file's `cluster.address`, not --address.
+        path = _write_sweep(tmp_path, tiny_sweep_base, name, uri, address=cluster.address)
         head_id = cluster.head_node.node_id
         killer = NodeKiller(cluster, worker, uri, name)
         killer.start()
         try:
-            result = CliRunner().invoke(app, ["run", str(path), "--address", cluster.address], catch_exceptions=False)
+            result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
         finally:
             killer.done.set()
             killer.join(timeout=60)

@@ -116,7 +116,7 @@ def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
 
     for run in _trial_runs(finished_sweep["uri"]):
         logged = fetch_logged_trial(finished_sweep["uri"], run.info.run_id)
-        model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, Path("."))
+        model, tokenizer = load_trained(logged.trial, logged.adapter_dir, Path("."))
         scores = score(model, tokenizer, logged.trial.evaluation, Path(".")).scores
         assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)
 
@@ -248,3 +248,17 @@ def test_search_insight_is_on_the_parent_run(finished_sweep):
     names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "search_insight")}
     assert {"search_insight/search_insight.json", "search_insight/param_importances.png",
             "search_insight/optimization_history.png"} <= names
+
+
+def test_an_adapter_refuses_a_different_base_or_quantization(finished_sweep):
+    from qsweep.replay import ProvenanceError, fetch_logged_trial, load_adapter
+
+    logged = fetch_logged_trial(finished_sweep["uri"], _best_run_id(finished_sweep))
+    quant = logged.trial.quantization
+    other = quant.model_copy(update={"quant_type": "fp4" if quant.quant_type == "nf4" else "nf4"})
+    with pytest.raises(ProvenanceError, match="quantization.quant_type"):
+        load_adapter(logged.adapter_dir, logged.trial.model.name, other)
+    with pytest.raises(ProvenanceError, match="hash"):
+        load_adapter(logged.adapter_dir, "tiny-gpt2", quant)
+    model, _ = load_adapter(logged.adapter_dir, logged.trial.model.name, quant)
+    assert model.peft_config["default"].r == logged.trial.lora.r

@@ -160,7 +160,7 @@ def reproduce(
     try:
         logged = fetch_logged_trial(tracking_uri, run_id)
         base_dir = Path(logged.provenance.get("base_dir", "."))
-        model, tokenizer = load_trained(logged.trial, logged.provenance, logged.adapter_dir, base_dir)
+        model, tokenizer = load_trained(logged.trial, logged.adapter_dir, base_dir)
     except ProvenanceError as exc:
         fail([str(exc)])
     scores = score(model, tokenizer, logged.trial.evaluation, base_dir).scores

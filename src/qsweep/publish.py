@@ -14,9 +14,8 @@ from typing import Any
 
 from qsweep import tracking
 from qsweep.config import dump_yaml
-from qsweep.replay import LoggedTrial
+from qsweep.replay import PROVENANCE_FILE, LoggedTrial
 
-PROVENANCE_FILE = "qsweep.json"
 RESERVED_ALIASES = {"latest"}
 
 

@@ -6,6 +6,7 @@ logged one would silently give different numbers, so it is refused.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,11 @@ from typing import Any
 import yaml
 
 from qsweep import tracking
-from qsweep.config import TrialConfig
+from qsweep.config import QuantizationConfig, TrialConfig
 from qsweep.models import resolve_model
+
+
+PROVENANCE_FILE = "qsweep.json"
 
 
 class ProvenanceError(ValueError):
@@ -58,18 +62,44 @@ def check_base(model_hash: str, logged: dict[str, Any]) -> None:
         )
 
 
-def load_trained(trial: TrialConfig, provenance: dict[str, Any], adapter_dir: Path, base_dir: Path) -> tuple[Any, Any]:
-    """Base in 4 bit exactly as the trial had it (kbit preparation included), plus the adapter."""
+def check_quantization(quantization: QuantizationConfig, logged: dict[str, Any]) -> None:
+    asked = quantization.model_dump(mode="json")
+    differ = {k: (asked[k], v) for k, v in logged.items() if asked.get(k) != v}
+    if differ:
+        detail = ", ".join(f"quantization.{k} = {a!r} (trained with {t!r})" for k, (a, t) in differ.items())
+        raise ProvenanceError(f"the adapter was trained on a differently quantized base: {detail}; "
+                              "load it with the quantization it was trained with")
+
+
+def write_provenance(adapter_dir: Path, model_name: str, model_hash: str, quantization: QuantizationConfig) -> None:
+    """Travels with every saved adapter, so whoever loads it can be told if the base is not the one."""
+    (adapter_dir / PROVENANCE_FILE).write_text(json.dumps(
+        {"model_name": model_name, "model_hash": model_hash, "quantization": quantization.model_dump(mode="json")},
+        indent=2))
+
+
+def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationConfig, base_dir: Path = Path("."),
+                 revision: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """A saved adapter on its base, refused unless the base's weights and the quantization are the
+    ones it was trained with; the base in 4 bit exactly as the trial had it (kbit preparation too)."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
     from qsweep.trial import load_base
 
-    model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
-    check_base(model_info.content_hash, provenance)
-    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    logged = json.loads((adapter_dir / PROVENANCE_FILE).read_text())
+    model_info = resolve_model(model_name, revision, base_dir)
+    check_base(model_info.content_hash, logged)
+    check_quantization(quantization, logged["quantization"])
+    model, tokenizer = load_base(model_info.path, quantization, trust_remote_code)
     # The trial scored its model after prepare_model_for_kbit_training (norms upcast to fp32);
     # doing the same here makes the reloaded logits match, not just come close.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
     return model, tokenizer
+
+
+def load_trained(trial: TrialConfig, adapter_dir: Path, base_dir: Path) -> tuple[Any, Any]:
+    """A logged trial's adapter on the base and quantization its config names."""
+    return load_adapter(adapter_dir, trial.model.name, trial.quantization, base_dir, trial.model.revision,
+                        trial.model.trust_remote_code)

@@ -118,7 +118,7 @@ def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, An
     provenance = logged.pop("provenance")
     trial = TrialConfig(**logged)
     base_dir = Path(provenance["base_dir"])
-    model, tokenizer = load_trained(trial, provenance, folder / "adapter", base_dir)
+    model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
     result = score(model, tokenizer, trial.evaluation, base_dir, limit=limit)
     return {"scores": result.scores, "items": result.items}
 

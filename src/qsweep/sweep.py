@@ -274,16 +274,38 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
         state = SweepState(fingerprint(sweep), experiment_id, start_parent_run(sweep, sweep_file, experiment_id),
                            sweep.tracking.uri)
         write_state(folder, state)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
-            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-            # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
-            # by what was freed, not by what is in use.
-            "MALLOC_MMAP_THRESHOLD_": "131072",
-        }})
-    machine = this_machine()
+    started = connect_ray(address)
+    try:
+        return _search(sweep, space, folder, state, resuming)
+    finally:
+        # The Ray this sweep started is its own: a library caller's process is left as it was.
+        if started:
+            ray.shutdown()
+
+
+def connect_ray(address: str | None) -> bool:
+    """Joins the cluster at `address` or starts a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
+        # by what was freed, not by what is in use.
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+    }})
+    return True
+
+
+def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
+    """Baselines beside the trials, the trials, then deltas, the final stage and search insight."""
+    import ray
+    from ray import tune
+
     from qsweep.models import resolve_model
 
+    machine = this_machine()
     resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
                               machine)({})
     types = stages.quant_types(sweep, space)

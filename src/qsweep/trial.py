@@ -21,6 +21,7 @@ from qsweep.estimate import estimate_trial_memory
 from qsweep.data import data_hash, load_rows, tokenize_rows
 from qsweep.evaluate import score
 from qsweep.models import resolve_model
+from qsweep.replay import write_provenance
 from qsweep.targets import linear_module_names, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -320,6 +321,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
+    write_provenance(adapter_dir, trial.model.name, model_info.content_hash, trial.quantization)
 
     check_budget(started, trial.limits.time_budget_s, "after training, before scoring")
     eval_started = time.perf_counter()
