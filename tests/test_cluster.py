@@ -33,7 +33,8 @@ from typer.testing import CliRunner
 
 from qsweep.cli import app
 
-pytestmark = pytest.mark.slow
+# A wedged cluster must fail the run, not hang it (the whole file takes 2-3 minutes).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parent.parent
 POSTGRES_SH = REPO / "scripts" / "postgres.sh"
@@ -286,7 +287,7 @@ class NodeKiller(threading.Thread):
     """Kills the worker node (SIGKILL, no graceful shutdown) once a trial has finished and a trial
     that is still early (no validation loss logged yet) runs on that node."""
 
-    def __init__(self, cluster, worker, uri: str, experiment: str, timeout_s: float = 300):
+    def __init__(self, cluster, worker, uri: str, experiment: str, timeout_s: float = 600):
         super().__init__(daemon=True)
         self.cluster, self.worker, self.uri, self.experiment = cluster, worker, uri, experiment
         self.deadline = time.monotonic() + timeout_s

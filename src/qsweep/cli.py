@@ -98,7 +98,7 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
 @app.command()
 def run(
     sweep_file: Path = typer.Argument(..., help="sweep YAML, e.g. sweeps/quickstart.yaml"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Validate, then run the sweep (or resume it if it was interrupted) and print its leaderboard."""
     run_or_resume(sweep_file, address, must_resume=False)
@@ -107,7 +107,7 @@ def run(
 @app.command()
 def resume(
     sweep_file: Path = typer.Argument(..., help="the sweep YAML that was interrupted"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, interrupted ones retried."""
     run_or_resume(sweep_file, address, must_resume=True)
@@ -240,7 +240,7 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
 @app.command()
 def ablate(
     ablation_file: Path = typer.Argument(..., help="ablation YAML, e.g. sweeps/ablation-quant.yaml"),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address (ray://HOST:PORT or auto)"),
+    address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Run every factor value x seed through the orchestrator, then report mean ± 95% CI and paired tests."""
     from qsweep.ablate import as_sweep, load_ablation, report
