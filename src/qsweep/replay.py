@@ -86,6 +86,9 @@ def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationC
 
     from qsweep.trial import load_base
 
+    if not (adapter_dir / PROVENANCE_FILE).exists():
+        raise ProvenanceError(f"{adapter_dir} has no {PROVENANCE_FILE}: it was not saved by this qsweep, so its "
+                              "base model and quantization cannot be checked")
     logged = json.loads((adapter_dir / PROVENANCE_FILE).read_text())
     model_info = resolve_model(model_name, revision, base_dir)
     check_base(model_info.content_hash, logged)
