@@ -137,16 +137,14 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     """Builds the model on the meta device from config.json and sorts its parameters the way
     transformers' bitsandbytes integration will, using its own skip rules so they cannot drift."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qsweep.targets import MLP_PARENTS, OUTPUT_HEADS
+    from qsweep.targets import MLP_PARENTS, is_lora_candidate, meta_model
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(model_path, trust_remote_code)
+    config = model.config
     # The same list Bnb4BitHfQuantizer builds: tied weights, the last parameter, the output head,
     # plus the model's own keep-in-fp32 modules.
     skip = get_keys_to_not_convert(model) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -154,7 +152,6 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     quantized: list[_Linear] = []
     quantized_ids: set[int] = set()
     linears: list[_Linear] = []
-    head = model.get_output_embeddings()
     for name, module in model.named_modules():
         # LoRA candidates are tested with isinstance, bnb's conversion with `type() is`.
         if not isinstance(module, (torch.nn.Linear, Conv1D)):
@@ -162,7 +159,7 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
         # Conv1D stores its weight transposed: (in, out).
         rows, cols = module.weight.shape
         layer = _Linear(name, *((rows, cols) if isinstance(module, Conv1D) else (cols, rows)))
-        if module is not head and name.split(".")[-1] not in OUTPUT_HEADS:  # as targets.linear_module_names
+        if is_lora_candidate(model, name, module):
             linears.append(layer)
         if (type(module) is torch.nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, skip):
             quantized.append(layer)

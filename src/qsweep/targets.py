@@ -8,7 +8,9 @@ resolved here by where each linear layer sits, and returned as the shortest suff
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,22 +24,32 @@ class TargetModuleError(ValueError):
     pass
 
 
-def linear_module_names(model_path: Path, trust_remote_code: bool = False) -> list[str]:
-    """Full names of every linear layer, read from the config on the meta device (no weights)."""
+def meta_model(model_path: Path, trust_remote_code: bool = False) -> Any:
+    """The model built from config.json on the meta device: every module, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    head = model.get_output_embeddings()
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D))
-        and module is not head
-        and name.split(".")[-1] not in OUTPUT_HEADS
-    ]
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def is_lora_candidate(model: Any, name: str, module: Any) -> bool:
+    """A linear layer LoRA may wrap: any Linear or GPT-2 Conv1D except the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (isinstance(module, (torch.nn.Linear, Conv1D)) and module is not model.get_output_embeddings()
+            and name.split(".")[-1] not in OUTPUT_HEADS)
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_module_names(model_path: Path, trust_remote_code: bool) -> tuple[str, ...]:
+    model = meta_model(model_path, trust_remote_code)
+    return tuple(name for name, module in model.named_modules() if is_lora_candidate(model, name, module))
+
+
+def linear_module_names(model_path: Path, trust_remote_code: bool = False) -> list[str]:
+    """Full names of every linear layer LoRA may target, read from the config (no weights)."""
+    return list(_linear_module_names(Path(model_path), trust_remote_code))
 
 
 def _unambiguous_suffixes(chosen: list[str], linear_names: list[str]) -> list[str]:
