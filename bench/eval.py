@@ -4,7 +4,7 @@ Prints JSON from one run, both ways scoring the same trained adapter on the same
   before  what a hand-wired script does per trial, in a fresh process: build lm-eval's default
           TaskManager (the full built-in index), reload the 4-bit base + adapter from disk, score
           with batch_size=1;
-  after   qsweep.evaluate.score inside the trial, on the model already in memory (task index
+  after   qsweep.evaluate.harness.score inside the trial, on the model already in memory (task index
           cached per process, auto batch size); a second call is timed too. The quickstart scores a
           local task only, so qsweep builds the local-only index (~0.1 ms) and never the default one.
 The ratios (eval/train before and after, before/after eval) are what to compare, never the seconds.
@@ -44,10 +44,10 @@ def before(adapter: Path, items: dict[str, list[int]]) -> dict[str, Any]:
     from lm_eval.tasks import TaskManager
     from peft import PeftModel
 
-    from qsweep.config import load_sweep
-    from qsweep.evaluate import _sample_record, include_dirs, task_specs
-    from qsweep.models import resolve_model
-    from qsweep.trial import load_base
+    from qsweep.config.schema import load_sweep
+    from qsweep.evaluate.harness import _sample_record, include_dirs, task_specs
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import load_base
 
     torch.set_num_threads(1)
     imports = time.perf_counter() - started
@@ -92,9 +92,9 @@ def after_and_train(steps: int | None, out_dir: Path) -> tuple[dict[str, Any], A
     by a wrapper that also keeps the in-memory model, so a second call can be timed after it."""
     import torch
 
-    import qsweep.trial
-    from qsweep.config import load_sweep
-    from qsweep.evaluate import auto_batch_size, score, task_manager
+    import qsweep.train.trial
+    from qsweep.config.schema import load_sweep
+    from qsweep.evaluate.harness import auto_batch_size, score, task_manager
 
     torch.set_num_threads(1)
     sweep = load_sweep(SWEEP)
@@ -120,8 +120,8 @@ def after_and_train(steps: int | None, out_dir: Path) -> tuple[dict[str, Any], A
     task_manager(False)
     index = time.perf_counter() - tick
 
-    qsweep.trial.score = timed_score  # instrument the exact run_trial path, no copy of it
-    outcome = qsweep.trial.run_trial(trial, sweep.base_dir, out_dir, report=lambda _: None)
+    qsweep.train.trial.score = timed_score  # instrument the exact run_trial path, no copy of it
+    outcome = qsweep.train.trial.run_trial(trial, sweep.base_dir, out_dir, report=lambda _: None)
     first = calls[0]
     timed_score(first["model"], first["tokenizer"], trial.evaluation, sweep.base_dir)
     second = calls[1]
@@ -184,7 +184,7 @@ def main() -> None:
 
 
 def load_model_name() -> str:
-    from qsweep.config import load_sweep
+    from qsweep.config.schema import load_sweep
 
     return load_sweep(SWEEP).model.name
 

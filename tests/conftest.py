@@ -30,14 +30,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_llama() -> Path:
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     return resolve_model("tiny-llama").path
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2() -> Path:
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     return resolve_model("tiny-gpt2").path
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qsweep import ablation
-from qsweep.ablation import CellRun, collect_cell_runs, mcnemar_exact, paired_bootstrap, summarize
+from qsweep.report import ablation
+from qsweep.report.ablation import CellRun, collect_cell_runs, mcnemar_exact, paired_bootstrap, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Student t 0.975 quantiles from a printed table.

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qsweep.config import SweepConfig, SweepFileError, TrialConfig, dump_yaml, load_sweep
-from qsweep.space import apply_params
+from qsweep.config.schema import SweepConfig, SweepFileError, TrialConfig, dump_yaml, load_sweep
+from qsweep.search.space import apply_params
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "sweeps" / "quickstart.yaml"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep.data import template_fields, tokenize_rows
+from qsweep.train.data import template_fields, tokenize_rows
 
 PROMPT = "Q: {question}\nA:"
 COMPLETION = " {answer}"

@@ -111,8 +111,8 @@ def test_leaderboard_json_is_ranked(finished_sweep):
 
 
 def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
-    from qsweep.evaluate import score
-    from qsweep.replay import fetch_logged_trial, load_trained
+    from qsweep.evaluate.harness import score
+    from qsweep.report.replay import fetch_logged_trial, load_trained
 
     for run in _trial_runs(finished_sweep["uri"]):
         logged = fetch_logged_trial(finished_sweep["uri"], run.info.run_id)
@@ -251,7 +251,7 @@ def test_search_insight_is_on_the_parent_run(finished_sweep):
 
 
 def test_an_adapter_refuses_a_different_base_or_quantization(finished_sweep):
-    from qsweep.replay import ProvenanceError, fetch_logged_trial, load_adapter
+    from qsweep.report.replay import ProvenanceError, fetch_logged_trial, load_adapter
 
     logged = fetch_logged_trial(finished_sweep["uri"], _best_run_id(finished_sweep))
     quant = logged.trial.quantization

@@ -73,7 +73,7 @@ MODELS = {
 
 
 def _trial_config(spec: dict):
-    from qsweep.config import TrialConfig
+    from qsweep.config.schema import TrialConfig
 
     return TrialConfig(
         data={"train": "unused.jsonl", "max_seq_length": spec["seq"]},
@@ -142,10 +142,10 @@ def _model_tensor_bytes(model) -> int:
 def test_weight_terms_match_loaded_4bit_model(tmp_path, tiny_llama, tiny_gpt2, quant_type, double_quant, architecture):
     import torch
 
-    from qsweep.config import QuantizationConfig
-    from qsweep.estimate import estimate_trial_memory
-    from qsweep.targets import linear_module_names, resolve_target_modules
-    from qsweep.trial import attach_lora, load_base
+    from qsweep.config.schema import QuantizationConfig
+    from qsweep.resources.estimate import estimate_trial_memory
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
+    from qsweep.train.trial import attach_lora, load_base
 
     if architecture == "gpt2":  # Conv1D layers, fused qkv
         folder = tiny_gpt2
@@ -176,7 +176,7 @@ def test_weight_terms_match_loaded_4bit_model(tmp_path, tiny_llama, tiny_gpt2, q
 
 
 def test_estimate_moves_the_right_way(llamas):
-    from qsweep.estimate import estimate_trial_memory
+    from qsweep.resources.estimate import estimate_trial_memory
 
     def est(**changes):
         spec = {**CONFIGS[0], **changes}
@@ -213,8 +213,8 @@ def _measure(spec: dict, model_path: Path, out_dir: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import Trainer
 
-    from qsweep.targets import linear_module_names, resolve_target_modules
-    from qsweep.trial import attach_lora, load_base, resolve_compute_dtype, training_arguments
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
+    from qsweep.train.trial import attach_lora, load_base, resolve_compute_dtype, training_arguments
 
     trial = _trial_config(spec)
     targets = resolve_target_modules(trial.lora.target_modules, linear_module_names(model_path))
@@ -286,7 +286,7 @@ def _run_in_subprocess(spec: dict, model_path: Path, out_dir: Path) -> dict:
 
 @pytest.mark.slow
 def test_estimate_within_15_percent_of_measured_peak(llamas, tmp_path):
-    from qsweep.estimate import estimate_trial_memory
+    from qsweep.resources.estimate import estimate_trial_memory
 
     def model_of(spec: dict) -> Path:
         return llamas[spec.get("model", "v8k")]

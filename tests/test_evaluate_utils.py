@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep.evaluate import flatten_scores, include_dirs, local_tasks, task_specs
+from qsweep.evaluate.harness import flatten_scores, include_dirs, local_tasks, task_specs
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,7 +135,7 @@ def test_string_data_files_are_resolved_against_the_yaml(tmp_path):
 
 
 def test_the_shipped_groups_for_hub_users_are_known_to_lm_eval():
-    from qsweep.evaluate import builtin_task_names, task_manager
+    from qsweep.evaluate.harness import builtin_task_names, task_manager
 
     assert {"qsweep_reasoning", "qsweep_knowledge"} <= builtin_task_names()
     entry = task_manager(True).task_index["qsweep_reasoning"]
@@ -143,8 +143,8 @@ def test_the_shipped_groups_for_hub_users_are_known_to_lm_eval():
 
 
 def test_the_weighted_objective_is_computed_as_documented():
-    from qsweep.config import SearchConfig
-    from qsweep.objective import objective_value
+    from qsweep.config.schema import SearchConfig
+    from qsweep.search.objective import objective_value
 
     search = SearchConfig(weights={"mmlu": 0.7, "arc_easy": 0.3})
     assert search.metric == "objective" and search.weights == {"mmlu/acc": 0.7, "arc_easy/acc": 0.3}

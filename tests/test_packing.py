@@ -5,12 +5,21 @@ from __future__ import annotations
 import pytest
 
 from qsweep import tracking
-from qsweep.config import SweepConfig
-from qsweep.packing import (
-    SAFETY_MARGIN, DoesNotFit, Machine, budget_mb, check_fits, extreme_trials, fit_calibration, resources_for,
-    save_calibration, calibration, trial_estimate,
+from qsweep.config.schema import SweepConfig
+from qsweep.resources.packing import (
+    SAFETY_MARGIN,
+    DoesNotFit,
+    Machine,
+    budget_mb,
+    calibration,
+    check_fits,
+    extreme_trials,
+    fit_calibration,
+    resources_for,
+    save_calibration,
+    trial_estimate,
 )
-from qsweep.space import SearchSpace, ParamSpec
+from qsweep.search.space import ParamSpec, SearchSpace
 
 H100 = Machine("cuda", 80 * 1024)
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from ray.tune.schedulers import TrialScheduler
 
-from qsweep.config import SweepConfig
-from qsweep.sweep import build_scheduler
+from qsweep.config.schema import SweepConfig
+from qsweep.search.scheduler import build_scheduler
 
 
 def _scheduler(tiny_sweep_dict: dict, **asha):

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import optuna
 
-from qsweep.config import SweepConfig
-from qsweep.space import load_space
-from qsweep.sweep import FAILED, OBJECTIVE, build_searcher
+from qsweep.config.schema import SweepConfig
+from qsweep.search.objective import FAILED, OBJECTIVE
+from qsweep.search.searcher import build_searcher
+from qsweep.search.space import load_space
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -11,8 +11,16 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from qsweep.config import SweepFileError, TrialConfig, load_sweep
-from qsweep.space import DefineByRun, ParamSpec, SearchSpace, apply_params, check_space, find_space_file, load_space
+from qsweep.config.schema import SweepFileError, TrialConfig, load_sweep
+from qsweep.search.space import (
+    DefineByRun,
+    ParamSpec,
+    SearchSpace,
+    apply_params,
+    check_space,
+    find_space_file,
+    load_space,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 QLORA = REPO / "search_spaces" / "qlora.yaml"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qsweep.targets import PRESETS, TargetModuleError, linear_module_names, resolve_target_modules
+from qsweep.train.targets import PRESETS, TargetModuleError, linear_module_names, resolve_target_modules
 
 LLAMA_ATTENTION = ["self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
 LLAMA_MLP = ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qsweep.config import SweepConfig
+from qsweep.config.schema import SweepConfig
 from qsweep.tracking import flatten, is_secret
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from qsweep.config import SweepConfig, SweepFileError, load_sweep
+from qsweep.config.schema import SweepConfig, SweepFileError, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperparameter sweeps.")
 # Piped output (logs, CI) would otherwise be squeezed into 80 columns.
@@ -39,7 +39,7 @@ def fail(problems: list[str], source: str | None = None) -> None:
 
 
 def load_and_validate(path: Path) -> tuple[SweepConfig, object]:
-    from qsweep.validate import validate_sweep
+    from qsweep.preflight.validate import validate_sweep
 
     try:
         sweep = load_sweep(path)
@@ -63,9 +63,9 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
 
 
 def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> None:
-    from qsweep.leaderboard import build_leaderboard, to_table
-    from qsweep.state import output_folder, read_state
-    from qsweep.sweep import run_sweep
+    from qsweep.orchestrate.state import output_folder, read_state
+    from qsweep.orchestrate.sweep import run_sweep
+    from qsweep.report.leaderboard import build_leaderboard, to_table
 
     sweep, space = load_and_validate(sweep_file)
     if must_resume and read_state(output_folder(sweep)) is None:
@@ -127,7 +127,7 @@ def leaderboard(
     ),
 ) -> None:
     """Best finished trials first, with their key params and scores."""
-    from qsweep.leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown, to_table
+    from qsweep.report.leaderboard import LeaderboardError, build_leaderboard, to_csv, to_json, to_markdown, to_table
 
     if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).exists():
         fail([f"--tracking-uri: {tracking_uri} does not exist here; run a sweep first or pass --tracking-uri"])
@@ -154,8 +154,8 @@ def reproduce(
     """Reload a trial's adapter onto its logged base and quantization, re-score it, compare."""
     from rich.table import Table
 
-    from qsweep.evaluate import score
-    from qsweep.replay import ProvenanceError, fetch_logged_trial, load_trained
+    from qsweep.evaluate.harness import score
+    from qsweep.report.replay import ProvenanceError, fetch_logged_trial, load_trained
 
     try:
         logged = fetch_logged_trial(tracking_uri, run_id)
@@ -179,7 +179,7 @@ TRACKING_OPTION = typer.Option(
 
 
 def _fetch(tracking_uri: str, run_id: str, with_adapter: bool = True):
-    from qsweep.replay import ProvenanceError, fetch_logged_trial
+    from qsweep.report.replay import ProvenanceError, fetch_logged_trial
 
     try:
         return fetch_logged_trial(tracking_uri, run_id, with_adapter=with_adapter)
@@ -191,7 +191,7 @@ def _fetch(tracking_uri: str, run_id: str, with_adapter: bool = True):
 def show(run_id: str = typer.Argument(..., help="a finished trial's MLflow run id"),
          tracking_uri: str = TRACKING_OPTION) -> None:
     """Print a trial's full config and scores as a single-trial sweep file (`qsweep run` re-trains it)."""
-    from qsweep.publish import single_trial_sweep
+    from qsweep.report.publish import single_trial_sweep
     from qsweep.tracking import client
 
     logged = _fetch(tracking_uri, run_id, with_adapter=False)
@@ -205,7 +205,8 @@ def promote(run_id: str = typer.Argument(..., help="a finished trial's MLflow ru
             alias: str = typer.Option("production", help="registry alias to point at this version"),
             tracking_uri: str = TRACKING_OPTION) -> None:
     """Register the trial's adapter in the MLflow Model Registry and set the alias."""
-    from qsweep.publish import PublishError, promote as register
+    from qsweep.report.publish import PublishError
+    from qsweep.report.publish import promote as register
 
     logged = _fetch(tracking_uri, run_id)
     try:
@@ -220,10 +221,11 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
            dest: Path = typer.Argument(..., help="an empty or new folder"),
            tracking_uri: str = TRACKING_OPTION) -> None:
     """Write base/ + adapter/ + README card: loads with PeftModel and with lm-eval's peft= as-is."""
-    from qsweep.models import resolve_model
-    from qsweep.publish import PublishError, export as write_export
-    from qsweep.replay import ProvenanceError, check_base
-    from qsweep.trial import load_base
+    from qsweep.report.publish import PublishError
+    from qsweep.report.publish import export as write_export
+    from qsweep.train.models import resolve_model
+    from qsweep.train.provenance import ProvenanceError, check_base
+    from qsweep.train.trial import load_base
 
     logged = _fetch(tracking_uri, run_id)
     base_dir = Path(logged.provenance.get("base_dir", "."))
@@ -243,11 +245,11 @@ def ablate(
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Run every factor value x seed through the orchestrator, then report mean ± 95% CI and paired tests."""
-    from qsweep.ablate import as_sweep, load_ablation, report
-    from qsweep.ablation import to_markdown
-    from qsweep.state import output_folder
-    from qsweep.sweep import run_sweep
-    from qsweep.validate import validate_sweep
+    from qsweep.orchestrate.ablation_grid import as_sweep, load_ablation, report
+    from qsweep.orchestrate.state import output_folder
+    from qsweep.orchestrate.sweep import run_sweep
+    from qsweep.preflight.validate import validate_sweep
+    from qsweep.report.ablation import to_markdown
 
     try:
         ablation = load_ablation(ablation_file)
@@ -284,8 +286,15 @@ def estimate(
 
     from rich.table import Table
 
-    from qsweep.models import resolve_model
-    from qsweep.packing import Machine, budget_mb, extreme_trials, resource_request, this_machine, trial_estimate
+    from qsweep.resources.packing import (
+        Machine,
+        budget_mb,
+        extreme_trials,
+        resource_request,
+        this_machine,
+        trial_estimate,
+    )
+    from qsweep.train.models import resolve_model
 
     sweep, space = load_and_validate(sweep_file)
     machine = this_machine()
@@ -322,7 +331,7 @@ def calibrate(
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
     """Fit the estimator's correction from measured peaks in MLflow, so later sweeps pack tighter."""
-    from qsweep.packing import fit_calibration, save_calibration
+    from qsweep.resources.packing import fit_calibration, save_calibration
     from qsweep.tracking import client
 
     mlflow_client = client(tracking_uri)

@@ -15,15 +15,9 @@ from typing import Any
 import yaml
 
 from qsweep import tracking
-from qsweep.config import QuantizationConfig, TrialConfig
-from qsweep.models import resolve_model
-
-
-PROVENANCE_FILE = "qsweep.json"
-
-
-class ProvenanceError(ValueError):
-    pass
+from qsweep.config.schema import QuantizationConfig, TrialConfig
+from qsweep.train.models import resolve_model
+from qsweep.train.provenance import PROVENANCE_FILE, ProvenanceError, check_base, check_quantization
 
 
 @dataclass
@@ -54,37 +48,13 @@ def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None, with_ada
     return LoggedTrial(run_id, TrialConfig(**logged), provenance, adapter_dir, dict(run.data.metrics))
 
 
-def check_base(model_hash: str, logged: dict[str, Any]) -> None:
-    if model_hash != logged["model_hash"]:
-        raise ProvenanceError(
-            f"the base model's weights hash to {model_hash[:12]}…, but the adapter was trained on "
-            f"{logged['model_hash'][:12]}…; point model.name at the exact base it was trained on"
-        )
-
-
-def check_quantization(quantization: QuantizationConfig, logged: dict[str, Any]) -> None:
-    asked = quantization.model_dump(mode="json")
-    differ = {k: (asked[k], v) for k, v in logged.items() if asked.get(k) != v}
-    if differ:
-        detail = ", ".join(f"quantization.{k} = {a!r} (trained with {t!r})" for k, (a, t) in differ.items())
-        raise ProvenanceError(f"the adapter was trained on a differently quantized base: {detail}; "
-                              "load it with the quantization it was trained with")
-
-
-def write_provenance(adapter_dir: Path, model_name: str, model_hash: str, quantization: QuantizationConfig) -> None:
-    """Travels with every saved adapter, so whoever loads it can be told if the base is not the one."""
-    (adapter_dir / PROVENANCE_FILE).write_text(json.dumps(
-        {"model_name": model_name, "model_hash": model_hash, "quantization": quantization.model_dump(mode="json")},
-        indent=2))
-
-
 def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationConfig, base_dir: Path = Path("."),
                  revision: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A saved adapter on its base, refused unless the base's weights and the quantization are the
     ones it was trained with; the base in 4 bit exactly as the trial had it (kbit preparation too)."""
     from peft import PeftModel, prepare_model_for_kbit_training
 
-    from qsweep.trial import load_base
+    from qsweep.train.trial import load_base
 
     if not (adapter_dir / PROVENANCE_FILE).exists():
         raise ProvenanceError(f"{adapter_dir} has no {PROVENANCE_FILE}: it was not saved by this qsweep, so its "

@@ -16,13 +16,13 @@ from typing import Any, Callable
 
 import torch
 
-from qsweep.config import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
-from qsweep.estimate import estimate_trial_memory
-from qsweep.data import data_hash, load_rows, tokenize_rows
-from qsweep.evaluate import score
-from qsweep.models import resolve_model
-from qsweep.replay import write_provenance
-from qsweep.targets import linear_module_names, resolve_target_modules
+from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
+from qsweep.evaluate.harness import score
+from qsweep.resources.estimate import estimate_trial_memory
+from qsweep.train.data import data_hash, load_rows, tokenize_rows
+from qsweep.train.models import resolve_model
+from qsweep.train.provenance import write_provenance
+from qsweep.train.targets import linear_module_names, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from qsweep.paths import shipped
-from qsweep.config import Strict, SweepFileError, TrialConfig, describe_validation_error, read_yaml
+from qsweep.config.paths import shipped
+from qsweep.config.schema import Strict, SweepFileError, TrialConfig, describe_validation_error, read_yaml
 
 Scalar = bool | int | float | str | None
 

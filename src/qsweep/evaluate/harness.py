@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsweep.paths import shipped
+from qsweep.config.paths import shipped
 
 logger = logging.getLogger(__name__)
 

@@ -20,13 +20,12 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from qsweep.config import SweepConfig, SweepFileError, TrialConfig, describe_validation_error
-from qsweep.data import LOCAL_FORMATS, is_local, local_path, template_fields
-from qsweep.models import is_local_or_embedded
-from qsweep.evaluate import builtin_task_names, include_dirs, local_tasks, task_manager
-from qsweep.models import EMBEDDED
-from qsweep.space import ParamSpec, SearchSpace, apply_params, check_space, find_space_file, load_space
-from qsweep.targets import TargetModuleError, linear_module_names, resolve_target_modules
+from qsweep.config.schema import SweepConfig, SweepFileError, TrialConfig, describe_validation_error
+from qsweep.evaluate.harness import builtin_task_names, include_dirs, local_tasks, task_manager
+from qsweep.search.space import ParamSpec, SearchSpace, apply_params, check_space, find_space_file, load_space
+from qsweep.train.data import LOCAL_FORMATS, is_local, local_path, template_fields
+from qsweep.train.models import EMBEDDED, is_local_or_embedded
+from qsweep.train.targets import TargetModuleError, linear_module_names, resolve_target_modules
 
 # A tracking server that does not answer within this many seconds is reported, not waited for.
 SERVER_TIMEOUT_S = 2.0
@@ -402,7 +401,7 @@ def _model_folder(sweep: SweepConfig) -> tuple[Path | None, list[str]]:
     """The folder holding the model's config.json, if it can be had without downloading."""
     name, where = sweep.model.name, "model.name"
     if name in EMBEDDED:
-        from qsweep.models import resolve_model
+        from qsweep.train.models import resolve_model
 
         try:
             return resolve_model(name).path, []
@@ -567,11 +566,11 @@ def _check_output_dir(output_dir: str) -> list[str]:
 def _check_fits(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
     """The smallest trial the sweep can run must fit this machine's device; checked last, since it
     needs the model's config and a valid space."""
-    from qsweep.packing import DoesNotFit, check_fits, extreme_trials, this_machine, trial_estimate
+    from qsweep.resources.packing import DoesNotFit, check_fits, extreme_trials, this_machine, trial_estimate
 
     if not is_local_or_embedded(sweep.model.name, sweep.base_dir):
         return []
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     machine = this_machine()
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path

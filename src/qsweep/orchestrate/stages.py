@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from qsweep import tracking
-from qsweep.config import SweepConfig, TrialConfig
-from qsweep.objective import objective_value
-from qsweep.space import SearchSpace
+from qsweep.config.schema import SweepConfig, TrialConfig
+from qsweep.search.objective import objective_value
+from qsweep.search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> d
     """The untuned base model, quantized like the trials, on the same items."""
     import torch
 
-    from qsweep.evaluate import score
-    from qsweep.models import resolve_model
-    from qsweep.trial import load_base
+    from qsweep.evaluate.harness import score
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import load_base
 
     torch.set_num_threads(max(1, threads))
     trial = TrialConfig(**trial_dict)
@@ -109,8 +109,8 @@ def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, An
     """Reloads a trial's adapter exactly as logged and scores it on the final stage's items."""
     import torch
 
-    from qsweep.evaluate import score
-    from qsweep.replay import load_trained
+    from qsweep.evaluate.harness import score
+    from qsweep.report.replay import load_trained
 
     torch.set_num_threads(max(1, threads))
     folder = Path(trial_dir)

@@ -15,4 +15,4 @@ def shipped(kind: str) -> Path:
     packaged = Path(str(files("qsweep"))) / "data" / kind
     if packaged.exists():
         return packaged
-    return Path(__file__).resolve().parents[2] / kind
+    return Path(__file__).resolve().parents[3] / kind

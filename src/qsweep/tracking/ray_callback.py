@@ -1,6 +1,6 @@
 """Ray Tune → MLflow: each trial's start, progress, end or failure becomes its child run.
 
-Runs in the driver only (see tracking.py for why). After a resume, the first step reconciles what
+Runs in the driver only (see qsweep.tracking for why). After a resume, the first step reconciles what
 Ray restored with what MLflow holds, so a finished trial is never lost or logged twice and a trial
 that was running when the driver died is marked KILLED before its config is retried.
 """
@@ -15,13 +15,12 @@ from typing import Any
 from ray.tune import Callback, Stopper
 
 from qsweep import tracking
-from qsweep.config import SweepConfig
-from qsweep.space import apply_params
+from qsweep.config.schema import SweepConfig
+from qsweep.search.objective import FAILED, OBJECTIVE
+from qsweep.search.space import apply_params
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVE = "objective"
-FAILED = "failed"
 TRIAL_LOG = "trial.log"
 LOG_TAIL_LINES = 40
 

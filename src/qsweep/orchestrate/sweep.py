@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qsweep import stages, tracking
-from qsweep.config import SearchConfig, SweepConfig, TrialConfig, dump_yaml
-from qsweep.objective import objective_value, searcher_metrics
-from qsweep.mirror import FAILED, OBJECTIVE, TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
-from qsweep.packing import Machine, resources_for, this_machine
-from qsweep.space import DefineByRun, SearchSpace, apply_params
-from qsweep.state import SweepState, check_folder, fingerprint, output_folder, write_state
+from qsweep import tracking
+from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
+from qsweep.orchestrate import stages
+from qsweep.orchestrate.state import SweepState, check_folder, fingerprint, output_folder, write_state
+from qsweep.resources.packing import Machine, resources_for, this_machine
+from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
+from qsweep.search.scheduler import build_scheduler
+from qsweep.search.searcher import build_searcher
+from qsweep.search.space import DefineByRun, SearchSpace, apply_params
+from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     import torch
     from ray import tune
 
-    from qsweep.trial import release_memory_cap, run_trial
+    from qsweep.train.trial import release_memory_cap, run_trial
 
     torch.set_num_threads(max(1, threads))
     trial = apply_params(TrialConfig(**base), params)
@@ -111,90 +114,6 @@ def cap_to_ray_share(trial: TrialConfig) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, share))
 
 
-def _final_score_searcher() -> type:
-    from ray.tune.search.optuna import OptunaSearch
-
-    class FinalScoreOptunaSearch(OptunaSearch):
-        """Optuna only ever sees the final lm-eval score.
-
-        Intermediate results carry validation loss for ASHA; Ray's OptunaSearch would index the
-        objective in every result. A trial ASHA stops has no score and is told to Optuna as pruned.
-        """
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.metric in result:
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if result and FAILED in result:
-                result, error = None, True
-            # With several objectives Ray would tell Optuna a list of Nones as values.
-            if result and isinstance(self.metric, list) and OBJECTIVE not in result:
-                result = None
-            super().on_trial_complete(trial_id, result, error)
-
-    return FinalScoreOptunaSearch
-
-
-def build_searcher(sweep: SweepConfig, space: SearchSpace, concurrency: int, folder: Path) -> Any:
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-
-    metrics, modes = searcher_metrics(sweep.search, OBJECTIVE)
-    searcher = _final_score_searcher()(
-        space=DefineByRun(space),
-        metric=metrics if len(metrics) > 1 else metrics[0],
-        mode=modes if len(modes) > 1 else modes[0],
-        points_to_evaluate=sweep.search.baselines or None,
-        sampler=optuna.samplers.TPESampler(seed=sweep.search.sampler_seed, n_startup_trials=4),
-        study_name=sweep.name,
-        storage=optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}"),
-    )
-    return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
-
-
-def _patient_asha() -> type:
-    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-
-    class PatientASHA(ASHAScheduler):
-        """ASHA that lets the first few trials at each rung through.
-
-        Ray's ASHA cuts at a percentile of the values already recorded at a rung, so with one value
-        recorded the second trial there is stopped whenever it is worse than the first: in a small
-        sweep that stops a whole branch (e.g. every fp4 trial) on a single comparison.
-        """
-
-        def __init__(self, min_trials_per_rung: int, **kwargs: Any):
-            super().__init__(**kwargs)
-            self.min_trials_per_rung = min_trials_per_rung
-
-        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-            decision = super().on_trial_result(tune_controller, trial, result)
-            if decision != TrialScheduler.STOP or trial.trial_id not in self._trial_info:
-                return decision
-            reached = result[self._time_attr]
-            rung = next((recorded for milestone, recorded in self._trial_info[trial.trial_id]._rungs
-                         if milestone <= reached and trial.trial_id in recorded), None)
-            if rung is not None and len(rung) <= self.min_trials_per_rung:
-                self._num_stopped -= 1
-                return TrialScheduler.CONTINUE
-            return decision
-
-    return PatientASHA
-
-
-def build_scheduler(sweep: SweepConfig) -> Any:
-    from ray.tune.schedulers import FIFOScheduler
-
-    asha = sweep.search.asha
-    if not asha.enabled:
-        return FIFOScheduler()
-    return _patient_asha()(
-        min_trials_per_rung=asha.min_trials_per_rung, time_attr="step", metric="eval_loss", mode="min",
-        max_t=sweep.training.max_steps, grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor,
-    )
-
-
 def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -> str:
     mlflow_client = tracking.client(sweep.tracking.uri)
     run_id = tracking.start_run(
@@ -221,7 +140,7 @@ def concurrency_limit(sweep: SweepConfig) -> int:
 def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
     from ray import tune
 
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     model_path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
     return tune.with_resources(
@@ -303,7 +222,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     import ray
     from ray import tune
 
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     machine = this_machine()
     resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
@@ -329,7 +248,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:
     """Optuna's parameter importances and history, as PNGs and a JSON table on the parent run."""
-    from qsweep import ablation
+    from qsweep.report import ablation
 
     study = ablation.load_study(folder, sweep.name)
     ablation.log_search_insight(tracking.client(sweep.tracking.uri), state.parent_run_id, study,

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from qsweep.config import SweepConfig, TrialConfig
-from qsweep.estimate import MemoryEstimate, estimate_trial_memory
-from qsweep.models import cache_dir
-from qsweep.space import SearchSpace, apply_params
+from qsweep.config.schema import SweepConfig, TrialConfig
+from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
+from qsweep.search.space import SearchSpace, apply_params
+from qsweep.train.models import cache_dir
 
 # Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
 SAFETY_MARGIN = 1.15
@@ -99,7 +99,7 @@ def extreme_trials(sweep: SweepConfig, space: SearchSpace | None) -> dict[str, T
 
 
 def _greedy(sweep: SweepConfig, space: SearchSpace, smallest: bool) -> TrialConfig:
-    from qsweep.models import resolve_model
+    from qsweep.train.models import resolve_model
 
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
     chosen: dict[str, Any] = {}

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from qsweep import tracking
-from qsweep.config import dump_yaml
-from qsweep.replay import PROVENANCE_FILE, LoggedTrial
+from qsweep.config.schema import dump_yaml
+from qsweep.report.replay import LoggedTrial
+from qsweep.train.provenance import PROVENANCE_FILE
 
 RESERVED_ALIASES = {"latest"}
 
@@ -164,7 +165,7 @@ def write_local_tasks(logged: LoggedTrial, folder: Path) -> None:
     """The trial's local lm-eval tasks with absolute data paths, for `lm_eval --include_path`."""
     import yaml
 
-    from qsweep.evaluate import include_dirs, task_specs
+    from qsweep.evaluate.harness import include_dirs, task_specs
 
     base_dir = Path(logged.provenance.get("base_dir", "."))
     specs = task_specs(logged.trial.evaluation.tasks, include_dirs(logged.trial.evaluation.include_path, base_dir))

@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from qsweep.config import SweepConfig, SweepFileError
+from qsweep.config.schema import SweepConfig, SweepFileError
 
 STATE_FILE = "qsweep-state.json"
 

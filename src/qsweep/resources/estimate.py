@@ -31,8 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from qsweep.config import TrialConfig
-from qsweep.targets import resolve_target_modules
+from qsweep.config.schema import TrialConfig
+from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
 
@@ -141,7 +141,7 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     from transformers.quantizers.base import get_keys_to_not_convert
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from qsweep.targets import MLP_PARENTS, is_lora_candidate, meta_model
+    from qsweep.train.targets import MLP_PARENTS, is_lora_candidate, meta_model
 
     model = meta_model(model_path, trust_remote_code)
     config = model.config

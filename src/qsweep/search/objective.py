@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from qsweep.config import SearchConfig
+from qsweep.config.schema import SearchConfig
+
+# Keys of a trial's last Ray result: the value Optuna ranks by, and the traceback of a trial that failed.
+OBJECTIVE = "objective"
+FAILED = "failed"
 
 
 def objective_value(scores: dict[str, float], search: SearchConfig) -> float:
@@ -19,7 +23,7 @@ def objective_value(scores: dict[str, float], search: SearchConfig) -> float:
     return sum(w * scores[m] for m, w in search.weights.items()) / total
 
 
-def searcher_metrics(search: SearchConfig, objective_key: str) -> tuple[list[str], list[str]]:
+def searcher_metrics(search: SearchConfig, objective_key: str = OBJECTIVE) -> tuple[list[str], list[str]]:
     """Result keys and modes Optuna optimizes: the objective, then any trade-offs (multi-objective)."""
     mode = "max" if search.direction == "maximize" else "min"
     keys = [objective_key] + [t.metric for t in search.tradeoffs]
