@@ -1,15 +1,17 @@
-"""Ablation statistics and search insight on synthetic data: numbers checked against hand computation."""
+"""Ablation statistics on synthetic data: numbers checked against printed tables, exact enumeration and
+the pre-scipy implementation."""
 
 from __future__ import annotations
 
 import json
 import math
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qsweep.report import ablation
+from qsweep.report import ablation, ablation_report
 from qsweep.report.ablation import CellRun, collect_cell_runs, mcnemar_exact, paired_bootstrap, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,6 +31,28 @@ def correct_first(n_correct: int, n_items: int = 10) -> list[float]:
 
 def is_png(path: Path) -> bool:
     return path.exists() and path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 2000
+
+
+def exact_mcnemar_oracle(b: int, c: int) -> float:
+    """Two-sided exact binomial test by enumeration in exact fractions: the sum of P(X = k) over every
+    k no more likely than the observed count, X ~ Binomial(b + c, 1/2) (the "minlike" definition)."""
+    n = b + c
+    pmf = [Fraction(math.comb(n, k), 2**n) for k in range(n + 1)]
+    return float(sum(p for p in pmf if p <= pmf[b]))
+
+
+def bootstrap_oracle(diffs: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float, float]:
+    """The pre-scipy implementation, kept as the reference the library version must reproduce
+    exactly: resample items in blocks of 1000 from one seeded generator, percentile CI, null-centred p."""
+    rng = np.random.default_rng(seed)
+    observed, n = float(diffs.mean()), len(diffs)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 1000):
+        size = min(1000, n_boot - start)
+        means[start:start + size] = diffs[rng.integers(0, n, size=(size, n))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    extreme = int(np.count_nonzero(np.abs(means - observed) >= abs(observed) - 1e-12))
+    return observed, float(low), float(high), (extreme + 1) / (n_boot + 1)
 
 
 # --------------------------------------------------------------------------- t quantile, CI
@@ -66,7 +90,7 @@ def test_single_seed_ci_is_the_mean_and_is_said():
     report = summarize(runs, {"f": ["a", "b"]}, None, "t/acc", n_boot=200)
     assert all(c.ci_low == c.mean == c.ci_high for c in report.cells)
     assert any("1 seed" in note for note in report.notes)
-    assert "n/a (1 seed)" in ablation.to_markdown(report)
+    assert "n/a (1 seed)" in ablation_report.to_markdown(report)
 
 
 # --------------------------------------------------------------------------- paired tests
@@ -92,7 +116,7 @@ def test_large_systematic_difference_is_significant_in_both_tests():
     assert comparison.p_bootstrap < 0.01
     assert comparison.p_mcnemar is not None and comparison.p_mcnemar < 0.01
     assert comparison.mcnemar_counts == (42, 0)
-    assert comparison.p_mcnemar == pytest.approx(2 / 2**42)
+    assert comparison.p_mcnemar == pytest.approx(exact_mcnemar_oracle(42, 0), rel=1e-9)
 
 
 def test_mcnemar_matches_hand_computed_binomial():
@@ -103,6 +127,11 @@ def test_mcnemar_matches_hand_computed_binomial():
     assert mcnemar_exact(3, 3) == 1.0
     # 2 * P(X <= 3), X ~ Binomial(13, 1/2) = 2 * (1 + 13 + 78 + 286) / 8192
     assert mcnemar_exact(10, 3) == pytest.approx(2 * 378 / 8192)
+
+
+@pytest.mark.parametrize("b, c", [(0, 1), (7, 2), (2, 7), (4, 4), (0, 25), (31, 12), (230, 190)])
+def test_mcnemar_matches_exact_enumeration(b: int, c: int):
+    assert mcnemar_exact(b, c) == pytest.approx(exact_mcnemar_oracle(b, c), rel=1e-9)
 
 
 def test_mcnemar_uses_lowest_common_seed_and_counts_discordant_pairs():
@@ -132,12 +161,20 @@ def test_bootstrap_is_deterministic_for_a_fixed_seed():
     assert first[0] == pytest.approx(diffs.mean())
 
 
-def test_bootstrap_ci_matches_normal_theory_roughly():
-    diffs = np.random.default_rng(2).normal(0.0, 1.0, size=400)
-    _, low, high, p = paired_bootstrap(diffs, 4000, seed=0)
-    half = 1.96 * diffs.std(ddof=1) / math.sqrt(len(diffs))
-    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
-    assert 0 < p <= 1
+@pytest.mark.parametrize("shift", [0.0, 0.1])
+def test_bootstrap_ci_and_p_match_normal_theory(shift: float):
+    diffs = np.random.default_rng(2).normal(shift, 1.0, size=400)
+    observed, low, high, p = paired_bootstrap(diffs, 4000, seed=0)
+    se = diffs.std(ddof=1) / math.sqrt(len(diffs))
+    assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.1)
+    # Two-sided normal-theory p of the mean, 2 * P(Z > |z|); 4000 resamples carry ~0.01 of noise.
+    assert p == pytest.approx(math.erfc(abs(observed / se) / math.sqrt(2)), abs=0.03)
+
+
+@pytest.mark.parametrize("seed, n_items, n_boot", [(11, 200, 3000), (0, 57, 10000), (3, 10, 2500)])
+def test_bootstrap_numbers_are_those_of_the_pre_scipy_implementation(seed: int, n_items: int, n_boot: int):
+    diffs = np.random.default_rng(seed).choice([-1.0, 0.0, 0.0, 1.0], size=n_items)
+    assert paired_bootstrap(diffs, n_boot, seed) == pytest.approx(bootstrap_oracle(diffs, n_boot, seed), abs=1e-12)
 
 
 # --------------------------------------------------------------------------- cells, references, report
@@ -184,7 +221,7 @@ def test_a_seed_finished_twice_is_noted_and_an_empty_report_still_plots(tmp_path
     assert any("not compared" in note for note in report.notes)
     empty = summarize([], {"f": ["a", "b"]}, None, "t/acc")
     assert empty.cells == [] and empty.comparisons == []
-    assert is_png(ablation.plot_cells(empty, tmp_path / "empty.png"))
+    assert is_png(ablation_report.plot_cells(empty, tmp_path / "empty.png"))
 
 
 def test_unknown_reference_is_an_error():
@@ -195,7 +232,7 @@ def test_unknown_reference_is_an_error():
 def test_markdown_has_every_cell_and_comparison():
     factors = {"quantization.quant_type": ["nf4", "fp4"], "lora.r": [8, 16]}
     report = summarize(two_factor_runs(), factors, None, "zorble/acc", n_boot=300)
-    text = ablation.to_markdown(report)
+    text = ablation_report.to_markdown(report)
     for cell in report.cells:
         assert ablation.cell_label(cell.cell) in text
         assert f"{cell.mean:.4f}" in text
@@ -208,7 +245,7 @@ def test_markdown_has_every_cell_and_comparison():
 def test_plot_cells_writes_a_png(tmp_path: Path):
     factors = {"quantization.quant_type": ["nf4", "fp4"], "lora.r": [8, 16]}
     report = summarize(two_factor_runs(), factors, None, "zorble/acc", n_boot=100)
-    assert is_png(ablation.plot_cells(report, tmp_path / "cells.png"))
+    assert is_png(ablation_report.plot_cells(report, tmp_path / "cells.png"))
 
 
 # --------------------------------------------------------------------------- per-item samples
@@ -270,75 +307,7 @@ def test_collect_cell_runs_from_a_real_mlflow_store(tmp_path: Path):
     report = summarize(runs, factors, None, "zorble/acc", n_boot=500)
     assert [c.mean for c in report.cells] == [pytest.approx(0.75), pytest.approx(0.25)]
     assert report.comparisons[0].diff == pytest.approx(-0.5)
-    ablation.log_report(client, parent, report, tmp_path / "report")
+    ablation_report.log_report(client, parent, report, tmp_path / "report")
     logged = {f.path for f in client.list_artifacts(parent, "ablation")}
-    assert logged == {f"ablation/{ablation.REPORT_MD}", f"ablation/{ablation.REPORT_JSON}",
-                      f"ablation/{ablation.CELLS_PNG}"}
-
-
-# --------------------------------------------------------------------------- search insight
-
-
-def toy_study(n_trials: int, prune_every: int = 0):
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def objective(trial):
-        x = trial.suggest_float("training.learning_rate", 1e-5, 1e-3, log=True)
-        r = trial.suggest_categorical("lora.r", [8, 16, 32])
-        dropout = trial.suggest_float("lora.dropout", 0.0, 0.2)
-        if prune_every and trial.number % prune_every == prune_every - 1:
-            raise optuna.TrialPruned()
-        return -(math.log10(x) + 4) ** 2 + 0.01 * (r == 16) + 0.001 * dropout
-
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
-    study.optimize(objective, n_trials=n_trials)
-    return study
-
-
-def test_search_insight_importances_sum_to_one_and_history_is_monotone(tmp_path: Path):
-    study = toy_study(20, prune_every=5)
-    insight = ablation.search_insight(study)
-    assert insight["n_trials"] == 20 and insight["n_complete"] == 16
-    assert insight["evaluator"] in ("fanova", "ped_anova")
-    assert set(insight["importances"]) == {"training.learning_rate", "lora.r", "lora.dropout"}
-    assert sum(insight["importances"].values()) == pytest.approx(1.0, abs=1e-6)
-    assert max(insight["importances"], key=insight["importances"].get) == "training.learning_rate"
-    best = [t["best_so_far"] for t in insight["trials"] if t["value"] is not None]
-    assert best == sorted(best) and best[-1] == pytest.approx(study.best_value)
-    assert [t["state"] for t in insight["trials"]].count("PRUNED") == 4
-    json.dumps(insight)
-    assert is_png(ablation.plot_importances(insight, tmp_path / "importance.png", "zorble/acc"))
-    assert is_png(ablation.plot_history(study, tmp_path / "history.png", "zorble/acc"))
-
-
-def test_search_insight_without_scikit_learn_uses_ped_anova(monkeypatch: pytest.MonkeyPatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ImportError
-    insight = ablation.search_insight(toy_study(20))
-    assert insight["evaluator"] == "ped_anova"
-    assert sum(insight["importances"].values()) == pytest.approx(1.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("n_trials", [0, 1])
-def test_search_insight_on_a_study_too_small_for_importances(tmp_path: Path, n_trials: int):
-    study = toy_study(n_trials)
-    insight = ablation.search_insight(study)
-    assert insight["importances"] == {} and insight["evaluator"] is None
-    assert "at least 2" in insight["note"]
-    assert is_png(ablation.plot_importances(insight, tmp_path / "importance.png"))
-    assert is_png(ablation.plot_history(study, tmp_path / "history.png"))
-
-
-def test_log_search_insight_logs_three_artifacts(tmp_path: Path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    experiment_id = client.create_experiment("s", artifact_location=(tmp_path / "artifacts").as_uri())
-    parent = client.create_run(experiment_id).info.run_id
-    ablation.log_search_insight(client, parent, toy_study(6), tmp_path / "insight", "zorble/acc")
-    logged = {f.path for f in client.list_artifacts(parent, "search_insight")}
-    assert logged == {f"search_insight/{name}" for name in
-                      (ablation.INSIGHT_JSON, ablation.IMPORTANCE_PNG, ablation.HISTORY_PNG)}
+    assert logged == {f"ablation/{ablation_report.REPORT_MD}", f"ablation/{ablation_report.REPORT_JSON}",
+                      f"ablation/{ablation_report.CELLS_PNG}"}

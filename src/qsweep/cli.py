@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from qsweep.config.schema import SweepConfig, SweepFileError, load_sweep
+from qsweep.config.schema import SweepConfig, SweepFileError, default_tracking_uri, load_sweep
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperparameter sweeps.")
 # Piped output (logs, CI) would otherwise be squeezed into 80 columns.
@@ -123,7 +123,7 @@ def leaderboard(
     pareto: bool = typer.Option(False, "--pareto", help="only the score / peak-memory / train-time front"),
     format: Format = typer.Option(Format.table, "--format", help="table, json, csv or markdown"),
     tracking_uri: str = typer.Option(
-        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+        default_tracking_uri(), "--tracking-uri", help="MLflow tracking URI"
     ),
 ) -> None:
     """Best finished trials first, with their key params and scores."""
@@ -148,7 +148,7 @@ def leaderboard(
 def reproduce(
     run_id: str = typer.Argument(..., help="a finished trial's MLflow run id (see `qsweep leaderboard`)"),
     tracking_uri: str = typer.Option(
-        os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+        default_tracking_uri(), "--tracking-uri", help="MLflow tracking URI"
     ),
 ) -> None:
     """Reload a trial's adapter onto its logged base and quantization, re-score it, compare."""
@@ -174,7 +174,7 @@ def reproduce(
 
 
 TRACKING_OPTION = typer.Option(
-    os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"), "--tracking-uri", help="MLflow tracking URI"
+    default_tracking_uri(), "--tracking-uri", help="MLflow tracking URI"
 )
 
 
@@ -249,7 +249,7 @@ def ablate(
     from qsweep.orchestrate.state import output_folder
     from qsweep.orchestrate.sweep import run_sweep
     from qsweep.preflight.validate import validate_sweep
-    from qsweep.report.ablation import to_markdown
+    from qsweep.report.ablation_report import to_markdown
 
     try:
         ablation = load_ablation(ablation_file)

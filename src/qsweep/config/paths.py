@@ -1,4 +1,4 @@
-"""Where the shipped sweeps, search spaces and evaluation tasks live.
+"""Paths: where the shipped sweeps, search spaces and evaluation tasks live, and relative-path resolution.
 
 A wheel carries them inside the package (qsweep/data/*); a source checkout or editable install
 reads them from the repository's top-level folders, which are the originals.
@@ -16,3 +16,10 @@ def shipped(kind: str) -> Path:
     if packaged.exists():
         return packaged
     return Path(__file__).resolve().parents[3] / kind
+
+
+def resolve_path(value: str | Path, base_dir: Path) -> Path:
+    """`~` expanded; a relative path is relative to base_dir (the sweep file's folder, or the working
+    directory for what the docs say is relative to it), absolute and normalised."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()

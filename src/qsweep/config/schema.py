@@ -15,6 +15,17 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from qsweep.config.paths import resolve_path
+
+# MLflow's own default since 3.14 refuses the old ./mlruns file store; $MLFLOW_TRACKING_URI wins.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The flattened param that holds a trial's seed: an ablation's replicate axis.
+SEED_PARAM = "training.seed"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -147,7 +158,7 @@ class SearchConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str = Field(
-        default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"),
+        default_factory=default_tracking_uri,
         description="MLflow tracking URI; defaults to $MLFLOW_TRACKING_URI, else a sqlite file here",
     )
     experiment: str | None = Field(None, description="defaults to the sweep's name")
@@ -203,8 +214,7 @@ class SweepConfig(TrialConfig):
         return TrialConfig(**self.model_dump(include=set(TrialConfig.model_fields)))
 
     def resolve_path(self, value: str) -> Path:
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
+        return resolve_path(value, self.base_dir)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

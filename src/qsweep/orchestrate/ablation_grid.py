@@ -2,7 +2,7 @@
 
 An ablation is a sweep whose search space holds only the factors and the seed and whose trials
 are the full grid, enqueued in order; so it runs through the same orchestrator (packed, resumable,
-tracked) and only the report (qsweep.report.ablation) is its own.
+tracked) and only the report (qsweep.report.ablation, ablation_report) is its own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import Field
 
 from qsweep.config.schema import (
+    SEED_PARAM,
     ClusterConfig,
     ResourcesConfig,
     Strict,
@@ -23,8 +24,6 @@ from qsweep.config.schema import (
     load_config,
 )
 from qsweep.search.space import ParamSpec, Scalar, SearchSpace
-
-SEED_PARAM = "training.seed"
 
 
 class AblationSpec(Strict):
@@ -83,7 +82,8 @@ def as_sweep(ablation: AblationConfig) -> tuple[SweepConfig, SearchSpace]:
 def report(sweep: SweepConfig, spec: AblationSpec, experiment_id: str, parent_run_id: str, folder: Path) -> Any:
     """Per-cell mean ± 95% CI and paired tests, recomputed from the logged per-item outputs."""
     from qsweep import tracking
-    from qsweep.report.ablation import collect_cell_runs, log_report, summarize
+    from qsweep.report.ablation import collect_cell_runs, summarize
+    from qsweep.report.ablation_report import log_report
 
     mlflow_client = tracking.client(sweep.tracking.uri)
     runs = collect_cell_runs(mlflow_client, experiment_id, parent_run_id, list(spec.factors), spec.metric)

@@ -22,7 +22,7 @@ from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import build_searcher
-from qsweep.search.space import DefineByRun, SearchSpace, apply_params
+from qsweep.search.space import SearchSpace, apply_params
 from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 
 logger = logging.getLogger(__name__)
@@ -248,10 +248,10 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:
     """Optuna's parameter importances and history, as PNGs and a JSON table on the parent run."""
-    from qsweep.report import ablation
+    from qsweep.report import insight
 
-    study = ablation.load_study(folder, sweep.name)
-    ablation.log_search_insight(tracking.client(sweep.tracking.uri), state.parent_run_id, study,
+    study = insight.load_study(folder, sweep.name)
+    insight.log_search_insight(tracking.client(sweep.tracking.uri), state.parent_run_id, study,
                                 folder / "search_insight", metric=sweep.search.metric)
 
 
