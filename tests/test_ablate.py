@@ -8,8 +8,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from oracles import bootstrap_oracle, exact_mcnemar_oracle
 from typer.testing import CliRunner
 
 from qsweep.cli import app
@@ -73,11 +75,16 @@ def test_report_numbers_equal_those_recomputed_from_logged_items(ablation_run):
     diff = sum((items[("fp4", 0)][d] + items[("fp4", 1)][d]) / 2 - (items[("nf4", 0)][d] + items[("nf4", 1)][d]) / 2
                for d in docs) / len(docs)
     assert comparison["diff"] == pytest.approx(diff, abs=1e-12)
-    assert 0 < comparison["p_bootstrap"] <= 1
-    b = sum(1 for d in docs if items[("nf4", 0)][d] == 1 and items[("fp4", 0)][d] == 0)
-    c = sum(1 for d in docs if items[("nf4", 0)][d] == 0 and items[("fp4", 0)][d] == 1)
-    expected = min(1.0, 2 * sum(math.comb(b + c, k) for k in range(min(b, c) + 1)) / 2 ** (b + c)) if b + c else 1.0
-    assert comparison["p_mcnemar"] == pytest.approx(expected, abs=1e-12)
+    diffs = np.array([(items[("fp4", 0)][d] + items[("fp4", 1)][d]) / 2 - (items[("nf4", 0)][d] + items[("nf4", 1)][d]) / 2
+                      for d in docs])
+    _, low, high, p = bootstrap_oracle(diffs, report["n_boot"], report["seed"])
+    assert (comparison["ci_low"], comparison["ci_high"]) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    assert comparison["p_bootstrap"] == pytest.approx(p, abs=1e-12)
+    # Discordant pairs of seed 0 (the lowest both cells ran): fp4 right & nf4 wrong, and the reverse.
+    b = sum(1 for d in docs if items[("fp4", 0)][d] == 1 and items[("nf4", 0)][d] == 0)
+    c = sum(1 for d in docs if items[("fp4", 0)][d] == 0 and items[("nf4", 0)][d] == 1)
+    assert comparison["mcnemar_counts"] == [b, c]
+    assert comparison["p_mcnemar"] == pytest.approx(exact_mcnemar_oracle(b, c), rel=1e-9)
 
 
 def test_report_and_plot_are_on_the_parent_run(ablation_run):

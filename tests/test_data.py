@@ -77,20 +77,30 @@ def test_tokenize_rows_uses_no_special_tokens_before_the_prompt(tokenizer, rows)
 
 
 @pytest.mark.parametrize("max_length", [4, 12, 13])
-def test_tokenize_rows_truncates_to_max_length(tokenizer, rows, max_length):
-    full = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=10_000)
-    short = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=max_length)
-    for whole, item in zip(full, short):
-        assert len(whole["input_ids"]) > max_length
+def test_tokenize_rows_cuts_the_prompt_from_the_left_and_keeps_the_completion(tokenizer, rows, max_length):
+    for row, item in zip(rows, tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=max_length)):
+        prompt_ids = _ids(tokenizer, PROMPT.format(**row))
+        answer_ids = _ids(tokenizer, COMPLETION.format(**row)) + [tokenizer.eos_token_id]
+        assert len(prompt_ids) + len(answer_ids) > max_length > len(answer_ids)
+        kept = max_length - len(answer_ids)
         assert len(item["input_ids"]) == len(item["labels"]) == len(item["attention_mask"]) == max_length
-        assert item["input_ids"] == whole["input_ids"][:max_length]
-        assert item["labels"] == whole["labels"][:max_length]
+        assert item["input_ids"] == prompt_ids[-kept:] + answer_ids
+        assert item["labels"] == [-100] * kept + answer_ids
 
 
-def test_tokenize_rows_long_prompt_leaves_no_completion_when_truncated(tokenizer, rows):
+def test_a_prompt_reaching_max_length_still_leaves_the_whole_completion_learned(tokenizer, rows):
+    """Defect 2: the prompt alone filled max_length, every label was -100 and the loss NaN."""
     prompt_len = len(_ids(tokenizer, PROMPT.format(**rows[0])))
     item = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=prompt_len)[0]
-    assert item["labels"] == [-100] * prompt_len
+    learned = [t for t in item["labels"] if t != -100]
+    assert tokenizer.decode(learned, skip_special_tokens=True) == COMPLETION.format(**rows[0])
+    assert len(item["input_ids"]) == prompt_len
+
+
+def test_a_completion_longer_than_max_length_keeps_its_start_and_no_prompt(tokenizer, rows):
+    answer_ids = _ids(tokenizer, COMPLETION.format(**rows[1])) + [tokenizer.eos_token_id]
+    item = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=len(answer_ids) - 1)[1]
+    assert item["input_ids"] == item["labels"] == answer_ids[:-1]
 
 
 def test_tokenize_rows_drops_raw_columns_and_uses_any_column(tokenizer, rows):
@@ -105,3 +115,34 @@ def test_tokenize_rows_drops_raw_columns_and_uses_any_column(tokenizer, rows):
 def test_tokenize_rows_missing_column_is_a_key_error(tokenizer, rows):
     with pytest.raises(KeyError, match="context"):
         tokenize_rows(rows, tokenizer, "{context}", COMPLETION, max_length=64)
+
+
+def test_the_validation_set_comes_from_the_validation_split(tmp_path: Path, tokenizer):
+    """Defect 1: a dataset's `validation` was read from its train split."""
+    from qsweep.config.schema import DataConfig
+    from qsweep.train.data import tokenized_sets
+
+    folder = tmp_path / "zorble_ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"question": "What is the zorble of 1?", "answer": "5"}\n')
+    (folder / "validation.jsonl").write_text('{"question": "What is the zorble of 7?", "answer": "23"}\n'
+                                             '{"question": "What is the zorble of 8?", "answer": "26"}\n')
+    data = DataConfig(train="zorble_ds", validation="zorble_ds", prompt=PROMPT, completion=COMPLETION)
+    train_set, eval_set = tokenized_sets(data, tmp_path, tokenizer)
+    decoded = [tokenizer.decode(item["input_ids"], skip_special_tokens=True) for item in eval_set]
+    assert decoded == ["Q: What is the zorble of 7?\nA: 23", "Q: What is the zorble of 8?\nA: 26"]
+    assert len(train_set) == 1
+
+
+def test_read_local_rows_yields_the_rows_datasets_reads(tmp_path: Path):
+    from qsweep.train.data import load_rows, read_local_rows
+
+    lines = ['{"q": "a", "n": 1}', "", '{"q": "b", "n": 2}']
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "d.json").write_text('[{"q": "a", "n": 1}, {"q": "b", "n": 2}]')
+    (tmp_path / "columns.json").write_text('{"q": ["a", "b"], "n": [1, 2]}')
+    for name in ("d.jsonl", "d.json", "columns.json"):
+        mine = [row for _, row in read_local_rows(tmp_path / name)]
+        assert mine == load_rows(name, tmp_path).to_list()
+    assert [row for _, row in read_local_rows(tmp_path / "d.jsonl")] == [{"q": "a", "n": 1}, {"q": "b", "n": 2}]
+    assert [place for place, _ in read_local_rows(tmp_path / "d.jsonl")] == ["line 1", "line 3"]

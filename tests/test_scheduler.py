@@ -42,3 +42,22 @@ def test_the_first_trials_at_a_rung_continue_then_the_worst_are_stopped(tiny_swe
 def test_asha_off_never_stops(tiny_sweep_dict):
     scheduler = _scheduler(tiny_sweep_dict, enabled=False)
     assert all(_report(scheduler, t, 10.0 + i) == TrialScheduler.CONTINUE for i, t in enumerate("abcdef"))
+
+
+def test_the_private_ray_fields_patient_asha_reads_are_still_there(tiny_sweep_dict):
+    """PatientASHA reads ASHAScheduler's `_trial_info` (trial id -> bracket), the bracket's `_rungs`
+    ((milestone, {trial id: value}) pairs) and `_num_stopped`: Ray has no public API for them. An
+    upgrade of Ray that renames or reshapes them fails here, not silently in a sweep."""
+    scheduler = _scheduler(tiny_sweep_dict, min_trials_per_rung=2)
+    _report(scheduler, "a", 1.0)
+    bracket = scheduler._trial_info["a"]
+    milestones = [milestone for milestone, recorded in bracket._rungs]
+    assert milestones == [40, 20] and bracket._rungs[1][1] == {"a": -1.0}  # Ray records -loss for mode=min
+    assert scheduler._num_stopped == 0
+
+
+def test_num_stopped_counts_only_real_stops_in_rays_public_debug_string(tiny_sweep_dict):
+    scheduler = _scheduler(tiny_sweep_dict, min_trials_per_rung=2)
+    decisions = [_report(scheduler, t, loss) for t, loss in (("a", 1.0), ("b", 1.2), ("c", 1.4), ("d", 1.5))]
+    assert decisions == [TrialScheduler.CONTINUE] * 2 + [TrialScheduler.STOP] * 2
+    assert scheduler.debug_string().startswith("Using AsyncHyperBand: num_stopped=2")

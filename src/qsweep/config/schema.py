@@ -38,8 +38,13 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    train: str = Field(description="jsonl/json/csv file (relative to the sweep file) or hub dataset id")
+    train: str = Field(
+        description="jsonl/json/csv file or dataset folder (relative to the sweep file), or hub dataset id"
+    )
     validation: str | None = None
+    validation_split: str = Field(
+        "validation", description="the split of a hub dataset `validation` is read from; a local file has one"
+    )
     prompt: str = Field("{prompt}", description="Python format string over the row's columns")
     completion: str = Field(" {completion}", description="the part the loss is computed on")
     max_seq_length: int = Field(256, ge=8)

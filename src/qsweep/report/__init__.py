@@ -1,4 +1,6 @@
-"""What users read after a sweep: leaderboard, promote/export, replay of a logged trial, ablation statistics.
+"""What users read after a sweep: leaderboard, promote/export, replay of a logged trial, ablation
+statistics (ablation, ablation_report) and the search insight (insight).
 
-Reads MLflow through tracking; never starts Ray or a sweep.
+Reads MLflow through tracking and reloads adapters through train and evaluate; never imports Ray or
+starts a sweep.
 """

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
-from qsweep.train.models import cache_dir
+from qsweep.train.models import cache_dir, cache_root
 
 # Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
 SAFETY_MARGIN = 1.15
@@ -48,7 +48,7 @@ def this_machine() -> Machine:
 
 def calibration(device: str) -> float:
     """The factor learned by `qsweep calibrate` (measured / estimated peak), 1.0 until then."""
-    path = cache_dir() / CALIBRATION_FILE
+    path = cache_root() / CALIBRATION_FILE
     if not path.exists():
         return 1.0
     return float(json.loads(path.read_text()).get(device, {}).get("factor", 1.0))
@@ -87,21 +87,25 @@ def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Cal
     return request
 
 
-def extreme_trials(sweep: SweepConfig, space: SearchSpace | None) -> dict[str, TrialConfig]:
+def extreme_trials(sweep: SweepConfig, space: SearchSpace | None,
+                   model_path: Path | None = None) -> dict[str, TrialConfig]:
     """The baseline config, and the smallest and largest trials the space allows (each param set
     to its most, then least, memory-hungry edge value, one at a time, as memory grows monotonically
-    in every searched field)."""
+    in every searched field). `model_path` is any folder with the model's config.json; by default
+    the model is resolved (built or downloaded)."""
     base = sweep.trial()
     found = {"baseline": base}
     if space is None or not space.params:
         return found | {"smallest": base, "largest": base}
-    return found | {"smallest": _greedy(sweep, space, smallest=True), "largest": _greedy(sweep, space, smallest=False)}
+    if model_path is None:
+        from qsweep.train.models import resolve_model
+
+        model_path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
+    return found | {"smallest": _greedy(sweep, space, model_path, smallest=True),
+                    "largest": _greedy(sweep, space, model_path, smallest=False)}
 
 
-def _greedy(sweep: SweepConfig, space: SearchSpace, smallest: bool) -> TrialConfig:
-    from qsweep.train.models import resolve_model
-
-    path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
+def _greedy(sweep: SweepConfig, space: SearchSpace, path: Path, smallest: bool) -> TrialConfig:
     chosen: dict[str, Any] = {}
     for name, spec in space.params.items():
         options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, name: v}), path, "cpu").total, i, v)

@@ -19,6 +19,10 @@ class PatientASHA(ASHAScheduler):
     Ray's ASHA cuts at a percentile of the values already recorded at a rung, so with one value
     recorded the second trial there is stopped whenever it is worse than the first: in a small
     sweep that stops a whole branch (e.g. every fp4 trial) on a single comparison.
+
+    Ray 2.60 has no public API for a rung's recorded trials, so this reads ASHAScheduler's private
+    `_trial_info`, its bracket's `_rungs` and `_num_stopped`; tests/test_scheduler.py pins their
+    shape against the real Ray, so an upgrade that changes them fails there.
     """
 
     def __init__(self, min_trials_per_rung: int, **kwargs: Any):

