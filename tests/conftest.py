@@ -69,3 +69,11 @@ def tiny_sweep_base(zorble_dir: Path) -> dict:
         "search": {"space": str(REPO / "search_spaces" / "qlora.yaml"), "num_trials": 2, "metric": "zorble/acc"},
         "evaluation": {"tasks": ["zorble"], "limit": 8},
     }
+
+
+@pytest.fixture(scope="session")
+def sweep_bench():
+    """Write a sweep with its own MLflow store and outputs, run qsweep on it, read its runs."""
+    from sweep_bench import SweepBench
+
+    return SweepBench()

@@ -10,18 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from oracles import bootstrap_oracle, exact_mcnemar_oracle
-from typer.testing import CliRunner
+from sweep_bench import SweepBench
 
-from qsweep.cli import app
 from qsweep.tracking import client
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ablation_run(tmp_path_factory, tiny_sweep_base) -> dict:
+def ablation_run(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
     workdir = tmp_path_factory.mktemp("ablation")
     config = copy.deepcopy(tiny_sweep_base)
     config.pop("search")
@@ -29,20 +27,14 @@ def ablation_run(tmp_path_factory, tiny_sweep_base) -> dict:
     config["evaluation"]["limit"] = 16
     config["ablation"] = {"factors": {"quantization.quant_type": ["nf4", "fp4"]}, "seeds": [0, 1],
                           "metric": "zorble/acc"}
-    config["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db"}
-    config["output_dir"] = str(workdir / "runs")
-    path = workdir / "ablation.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = CliRunner().invoke(app, ["ablate", str(path)], catch_exceptions=False)
+    result = sweep_bench.invoke("ablate", sweep_bench.write(workdir, config, name="ablation.yaml"))
     return {"result": result, "workdir": workdir, "uri": config["tracking"]["uri"]}
 
 
 def _per_item(uri: str) -> dict[tuple[str, int], dict[int, float]]:
     mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name("abl")
-    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
     items = {}
-    for run in runs:
+    for run in SweepBench.runs(uri, "abl"):
         local = mlflow_client.download_artifacts(run.info.run_id, "lm_eval_samples.jsonl")
         rows = [json.loads(line) for line in Path(local).read_text().splitlines()]
         key = (run.data.params["quantization.quant_type"], int(run.data.params["training.seed"]))
@@ -89,8 +81,7 @@ def test_report_numbers_equal_those_recomputed_from_logged_items(ablation_run):
 
 def test_report_and_plot_are_on_the_parent_run(ablation_run):
     mlflow_client = client(ablation_run["uri"])
-    experiment = mlflow_client.get_experiment_by_name("abl")
-    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    (parent,) = SweepBench.runs(ablation_run["uri"], "abl", "sweep")
     names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "ablation")}
     assert {"ablation/ablation_report.md", "ablation/ablation_report.json", "ablation/ablation_cells.png"} <= names
     assert "| fp4 |" in ablation_run["result"].output or "fp4" in ablation_run["result"].output

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sweep_bench import SweepBench
 from typer.testing import CliRunner
 
 from qsweep.cli import app
@@ -16,11 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory, tiny_sweep_base) -> dict:
+def finished_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
     workdir = tmp_path_factory.mktemp("sweep")
     sweep = copy.deepcopy(tiny_sweep_base)
-    sweep["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "e2e"}
-    sweep["output_dir"] = str(workdir / "runs")
     # Both 4-bit types tried, ASHA off so both trials finish whatever their losses.
     sweep["search"] = {
         **sweep["search"],
@@ -33,18 +32,13 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base) -> dict:
     }
     # Scored on a seeded 8 items during the search, then both re-scored on all 38 at the end.
     sweep["evaluation"]["final"] = {"top_k": 2}
-    path = workdir / "tiny.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
+    path = sweep_bench.write(workdir, sweep, experiment="e2e", name="tiny.yaml")
+    result = sweep_bench.invoke("run", path)
     return {"result": result, "uri": sweep["tracking"]["uri"], "workdir": workdir}
 
 
 def _trial_runs(uri: str) -> list:
-    from qsweep.tracking import client
-
-    mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name("e2e")
-    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+    return SweepBench.runs(uri, "e2e")
 
 
 def test_sweep_finishes_and_prints_leaderboard(finished_sweep):
@@ -91,11 +85,7 @@ def test_artifacts_and_loss_curve_are_logged(finished_sweep):
 
 
 def test_parent_run_has_the_baseline(finished_sweep):
-    from qsweep.tracking import client
-
-    mlflow_client = client(finished_sweep["uri"])
-    experiment = mlflow_client.get_experiment_by_name("e2e")
-    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    (parent,) = SweepBench.runs(finished_sweep["uri"], "e2e", "sweep")
     assert "baseline/zorble/acc" in parent.data.metrics
     assert parent.data.metrics["trials_finished"] == 2
 
@@ -225,11 +215,7 @@ def test_cheap_and_final_stages_score_the_items_they_claim(finished_sweep, tmp_p
 
 
 def test_baselines_per_quant_type_and_each_trials_delta(finished_sweep):
-    from qsweep.tracking import client
-
-    mlflow_client = client(finished_sweep["uri"])
-    experiment = mlflow_client.get_experiment_by_name("e2e")
-    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    (parent,) = SweepBench.runs(finished_sweep["uri"], "e2e", "sweep")
     baselines = {q: parent.data.metrics[f"baseline/{q}/zorble/acc"] for q in ("nf4", "fp4")}
     assert parent.data.metrics["baseline/zorble/acc"] == baselines["nf4"]
     assert parent.data.metrics["stages_agree"] in (0.0, 1.0)
@@ -243,8 +229,7 @@ def test_search_insight_is_on_the_parent_run(finished_sweep):
     from qsweep.tracking import client
 
     mlflow_client = client(finished_sweep["uri"])
-    experiment = mlflow_client.get_experiment_by_name("e2e")
-    (parent,) = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'")
+    (parent,) = SweepBench.runs(finished_sweep["uri"], "e2e", "sweep")
     names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "search_insight")}
     assert {"search_insight/search_insight.json", "search_insight/param_importances.png",
             "search_insight/optimization_history.png"} <= names

@@ -9,10 +9,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from sweep_bench import SweepBench
 from typer.testing import CliRunner
 
 from qsweep.cli import app
-from qsweep.tracking import client
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +36,11 @@ def _point(**overrides) -> dict:
 def _write_sweep(workdir: Path, sweep: dict, space: dict) -> Path:
     (workdir / "space.yaml").write_text(yaml.safe_dump(space))
     sweep["search"]["space"] = str(workdir / "space.yaml")
-    sweep["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": sweep["name"]}
-    sweep["output_dir"] = str(workdir / "runs")
-    path = workdir / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
-    return path
+    return SweepBench.write(workdir, sweep)
 
 
 def _all_runs(uri: str, experiment: str) -> list:
-    mlflow_client = client(uri)
-    found = mlflow_client.get_experiment_by_name(experiment)
-    return mlflow_client.search_runs([found.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'",
-                                     order_by=["attributes.start_time ASC"])
+    return SweepBench.runs(uri, experiment, order_by=["attributes.start_time ASC"])
 
 
 def _runs(uri: str, experiment: str) -> list:

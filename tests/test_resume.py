@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
+from sweep_bench import SweepBench
 
 from qsweep.tracking import client
 
@@ -25,11 +25,7 @@ def _qsweep(*args: str) -> list[str]:
 
 
 def _trial_runs(uri: str) -> list:
-    mlflow_client = client(uri)
-    experiment = mlflow_client.get_experiment_by_name("resume")
-    if experiment is None:
-        return []
-    return mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+    return SweepBench.runs(uri, "resume")
 
 
 def _wait_for_a_finished_and_a_running_trial(uri: str, driver: subprocess.Popen, limit_s: float = 400) -> None:
@@ -52,10 +48,7 @@ def resumed(tmp_path_factory, tiny_sweep_base) -> dict:
     sweep["name"] = "resume"
     sweep["training"]["max_steps"] = 30
     sweep["search"].update({"num_trials": NUM_TRIALS, "max_concurrent": 1, "asha": {"enabled": False}})
-    sweep["tracking"] = {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "resume"}
-    sweep["output_dir"] = str(workdir / "runs")
-    path = workdir / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    path = SweepBench.write(workdir, sweep)
     uri = sweep["tracking"]["uri"]
 
     # Its own session, so the kill takes the driver and the Ray processes it started, as a lost

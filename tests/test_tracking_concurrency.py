@@ -7,8 +7,6 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-import yaml
-from typer.testing import CliRunner
 
 from qsweep import tracking
 
@@ -47,22 +45,15 @@ def test_eight_concurrent_writers_lose_no_param_or_metric(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_eight_trials_running_at_once_are_all_recorded(tmp_path: Path, tiny_sweep_base: dict):
-    from qsweep.cli import app
-
+def test_eight_trials_running_at_once_are_all_recorded(tmp_path: Path, tiny_sweep_base: dict, sweep_bench):
     sweep = copy.deepcopy(tiny_sweep_base)
     sweep["name"] = "eight"
     sweep["search"].update({"num_trials": WRITERS, "max_concurrent": WRITERS, "asha": {"enabled": False}})
     sweep["resources"] = {"cpus_per_trial": 0.25}
-    sweep["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "eight"}
-    sweep["output_dir"] = str(tmp_path / "runs")
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep))
-    result = CliRunner().invoke(app, ["run", str(path)], catch_exceptions=False)
+    result = sweep_bench.invoke("run", sweep_bench.write(tmp_path, sweep))
     assert result.exit_code == 0, result.output
     mlflow_client = tracking.client(sweep["tracking"]["uri"])
-    experiment = mlflow_client.get_experiment_by_name("eight")
-    runs = mlflow_client.search_runs([experiment.experiment_id], filter_string="tags.`qsweep.kind` = 'trial'")
+    runs = sweep_bench.runs(sweep["tracking"]["uri"], "eight")
     assert len(runs) == WRITERS
     param_counts = {len(r.data.params) for r in runs}
     assert len(param_counts) == 1, f"runs hold different numbers of params: {param_counts}"

@@ -23,3 +23,12 @@ def resolve_path(value: str | Path, base_dir: Path) -> Path:
     directory for what the docs say is relative to it), absolute and normalised."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def existing_path(value: str | Path, base_dir: Path | None) -> Path:
+    """A model path as the user means it: next to the sweep file when it exists there, else as
+    written (relative to the working directory). `~` expanded; not resolved."""
+    path = Path(value).expanduser()
+    if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
+        return base_dir / path
+    return path

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsweep.config.paths import shipped
+from qsweep.config.paths import resolve_path, shipped
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +29,7 @@ class EvalResult:
 
 def include_dirs(extra: list[str], base_dir: Path) -> list[Path]:
     dirs = [shipped("evaluation") / "tasks"]
-    for value in extra:
-        path = Path(value).expanduser()
-        dirs.append(path if path.is_absolute() else (base_dir / path).resolve())
-    return dirs
+    return dirs + [resolve_path(value, base_dir) for value in extra]
 
 
 @functools.lru_cache(maxsize=8)

@@ -12,8 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qsweep import tracking
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.search.objective import objective_value
@@ -111,12 +109,11 @@ def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, An
 
     from qsweep.evaluate.harness import score
     from qsweep.report.replay import load_trained
+    from qsweep.train.provenance import CONFIG_FILE, read_trial_config
 
     torch.set_num_threads(max(1, threads))
     folder = Path(trial_dir)
-    logged = yaml.safe_load((folder / "config.yaml").read_text())
-    provenance = logged.pop("provenance")
-    trial = TrialConfig(**logged)
+    trial, provenance = read_trial_config(folder / CONFIG_FILE)
     base_dir = Path(provenance["base_dir"])
     model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
     result = score(model, tokenizer, trial.evaluation, base_dir, limit=limit)

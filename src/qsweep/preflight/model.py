@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qsweep.config.paths import existing_path
 from qsweep.config.schema import SweepConfig
 from qsweep.preflight.hub import env_flag, hub_config, is_repo_id
 from qsweep.search.space import SearchSpace
@@ -31,8 +32,7 @@ def model_folder(sweep: SweepConfig, scratch: Path) -> tuple[Path | None, list[s
         except Exception as exc:  # noqa: BLE001 - building an embedded model can fail many ways; report, don't crash
             return None, [f"{where}: cannot build the embedded model {name!r} ({type(exc).__name__}: {exc}); "
                           "run once while online, or give a local model folder"]
-    local = Path(name).expanduser()
-    local = local if local.is_absolute() or not (sweep.base_dir / local).exists() else sweep.base_dir / local
+    local = existing_path(name, sweep.base_dir)
     if local.exists():
         if not (local / "config.json").is_file():
             return None, [f"{where}: folder {local.resolve()} has no config.json; point it at a folder written by "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qsweep import tracking
+from qsweep.config.paths import resolve_path
 from qsweep.config.schema import dump_yaml
 from qsweep.report.replay import LoggedTrial
 from qsweep.train.provenance import PROVENANCE_FILE
@@ -34,9 +35,9 @@ def absolute_paths(logged: LoggedTrial) -> dict[str, Any]:
     config = logged.trial.model_dump(mode="json")
     for key in ("train", "validation"):
         value = config["data"].get(key)
-        if value and (base_dir / value).exists():
-            config["data"][key] = str((base_dir / value).resolve())
-    config["evaluation"]["include_path"] = [str((base_dir / p).resolve()) for p in config["evaluation"]["include_path"]]
+        if value and (path := resolve_path(value, base_dir)).exists():
+            config["data"][key] = str(path)
+    config["evaluation"]["include_path"] = [str(resolve_path(p, base_dir)) for p in config["evaluation"]["include_path"]]
     return config
 
 

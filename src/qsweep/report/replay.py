@@ -12,12 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from qsweep import tracking
 from qsweep.config.schema import QuantizationConfig, TrialConfig
 from qsweep.train.models import resolve_model
-from qsweep.train.provenance import PROVENANCE_FILE, ProvenanceError, check_base, check_quantization
+from qsweep.train.provenance import (
+    CONFIG_FILE,
+    PROVENANCE_FILE,
+    ProvenanceError,
+    check_base,
+    check_quantization,
+    read_trial_config,
+)
 
 
 @dataclass
@@ -41,11 +46,10 @@ def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None, with_ada
     if run.data.tags.get("qsweep.outcome") != "finished":
         raise ProvenanceError(f"run {run_id} is not a finished qsweep trial (it has no adapter)")
     dest = Path(dest or tempfile.mkdtemp(prefix=f"qsweep-{run_id[:8]}-"))
-    config_file = Path(mlflow_client.download_artifacts(run_id, "config.yaml", str(dest)))
+    config_file = Path(mlflow_client.download_artifacts(run_id, CONFIG_FILE, str(dest)))
     adapter_dir = Path(mlflow_client.download_artifacts(run_id, "adapter", str(dest))) if with_adapter else dest
-    logged = yaml.safe_load(config_file.read_text())
-    provenance = logged.pop("provenance")
-    return LoggedTrial(run_id, TrialConfig(**logged), provenance, adapter_dir, dict(run.data.metrics))
+    trial, provenance = read_trial_config(config_file)
+    return LoggedTrial(run_id, trial, provenance, adapter_dir, dict(run.data.metrics))
 
 
 def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationConfig, base_dir: Path = Path("."),

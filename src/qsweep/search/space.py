@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
 
-from qsweep.config.paths import shipped
+from qsweep.config.paths import resolve_path, shipped
 from qsweep.config.schema import Strict, SweepFileError, TrialConfig, describe_validation_error, read_yaml
 
 Scalar = bool | int | float | str | None
@@ -78,9 +78,7 @@ class SearchSpace(Strict):
 
 def find_space_file(value: str, base_dir: Path) -> Path:
     """A path relative to the sweep file, else a shipped space by name (`qlora`)."""
-    candidate = Path(value).expanduser()
-    if not candidate.is_absolute():
-        candidate = base_dir / candidate
+    candidate = resolve_path(value, base_dir)
     if candidate.exists():
         return candidate
     for folder in (base_dir / "search_spaces", base_dir.parent / "search_spaces", shipped("search_spaces")):

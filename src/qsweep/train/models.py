@@ -18,6 +18,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
+from qsweep.config.paths import existing_path
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -249,13 +251,10 @@ def resolve_model(name: str, revision: str | None = None, base_dir: Path | None 
     if name in EMBEDDED:
         folder = _materialize_embedded(name)
     else:
-        local = Path(name).expanduser()
-        if not local.is_absolute() and base_dir is not None and (base_dir / local).exists():
-            local = base_dir / local
+        local = existing_path(name, base_dir)
         folder = local if local.exists() else _download_hub(name, revision)
     return ResolvedModel(spec=name, path=folder.resolve(), content_hash=content_hash(folder))
 
 
 def is_local_or_embedded(name: str, base_dir: Path | None = None) -> bool:
-    local = Path(name).expanduser()
-    return name in EMBEDDED or local.exists() or (base_dir is not None and (base_dir / local).exists())
+    return name in EMBEDDED or existing_path(name, base_dir).exists()

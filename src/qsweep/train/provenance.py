@@ -10,9 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qsweep.config.schema import QuantizationConfig
+import yaml
+
+from qsweep.config.schema import QuantizationConfig, TrialConfig
 
 PROVENANCE_FILE = "qsweep.json"
+# Each trial's resolved config plus a `provenance` section, in its folder and on its MLflow run.
+CONFIG_FILE = "config.yaml"
 
 
 class ProvenanceError(ValueError):
@@ -41,3 +45,10 @@ def write_provenance(adapter_dir: Path, model_name: str, model_hash: str, quanti
     (adapter_dir / PROVENANCE_FILE).write_text(json.dumps(
         {"model_name": model_name, "model_hash": model_hash, "quantization": quantization.model_dump(mode="json")},
         indent=2))
+
+
+def read_trial_config(path: Path) -> tuple[TrialConfig, dict[str, Any]]:
+    """A trial's logged config.yaml: the trial it ran and its provenance (model hash, base_dir...)."""
+    logged = yaml.safe_load(Path(path).read_text())
+    provenance = logged.pop("provenance")
+    return TrialConfig(**logged), provenance
