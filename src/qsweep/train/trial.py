@@ -21,7 +21,7 @@ from qsweep.evaluate.harness import score
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.models import resolve_model
-from qsweep.train.provenance import write_provenance
+from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
 
 logger = logging.getLogger(__name__)
@@ -337,7 +337,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         "versions": package_versions(),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    (out_dir / "config.yaml").write_text(dump_yaml({**trial.model_dump(mode="json"), "provenance": provenance}))
+    (out_dir / CONFIG_FILE).write_text(dump_yaml({**trial.model_dump(mode="json"), "provenance": provenance}))
     results_file, samples_file = write_eval_files(result, out_dir)
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
