@@ -140,11 +140,12 @@ def read_local_rows(path: Path) -> Rows:
 
 def tokenized_sets(data: DataConfig, base_dir: Path, tokenizer: Any) -> tuple[Any, Any | None]:
     """The tokenized training set and, if the sweep has one, the validation set from its own split."""
-    encode = lambda source, split: tokenize_rows(  # noqa: E731
-        load_rows(source, base_dir, split), tokenizer, data.prompt, data.completion, data.max_seq_length
-    )
-    train_set = encode(data.train, TRAIN_SPLIT)
-    return train_set, encode(data.validation, data.validation_split) if data.validation else None
+
+    def encode(source: str, split: str) -> Any:
+        rows = load_rows(source, base_dir, split)
+        return tokenize_rows(rows, tokenizer, data.prompt, data.completion, data.max_seq_length)
+
+    return encode(data.train, TRAIN_SPLIT), encode(data.validation, data.validation_split) if data.validation else None
 
 
 def data_hash(sources: list[str | None], base_dir: Path) -> str:
