@@ -70,4 +70,5 @@ def test_an_embedded_skeleton_has_the_built_models_layers_and_tokenizer(name: st
     assert not list(skeleton.glob("*.safetensors"))
     assert linear_module_names(skeleton) == linear_module_names(built)
     text = "Q: What is the zorble of 41?\nA: 125"
-    assert AutoTokenizer.from_pretrained(skeleton)(text)["input_ids"] == AutoTokenizer.from_pretrained(built)(text)["input_ids"]
+    ids = [AutoTokenizer.from_pretrained(folder)(text)["input_ids"] for folder in (skeleton, built)]
+    assert ids[0] == ids[1]

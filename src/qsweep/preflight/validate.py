@@ -24,7 +24,8 @@ from qsweep.preflight.tracking import check_tracking
 from qsweep.search.space import SearchSpace, check_space
 
 
-def _check_model(sweep: SweepConfig, space: SearchSpace | None, data_ok: bool, scratch: Path) -> tuple[Path | None, list[str]]:
+def _check_model(sweep: SweepConfig, space: SearchSpace | None, data_ok: bool,
+                 scratch: Path) -> tuple[Path | None, list[str]]:
     """The model's folder and the problems of its targets and, when the data read well, its lengths."""
     folder, problems = model_folder(sweep, scratch)
     if folder is None:

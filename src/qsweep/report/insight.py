@@ -155,7 +155,8 @@ def log_search_insight(mlflow_client: Any, run_id: str, study: Any, folder: Path
 
 
 def load_study(folder: Path | str, name: str) -> Any:
-    """The sweep's Optuna study as qsweep.search.searcher.build_searcher stores it: `<folder>/optuna.db`, named after the sweep."""
+    """The sweep's Optuna study as qsweep.search.searcher.build_searcher stores it: `<folder>/optuna.db`,
+    named after the sweep."""
     import optuna
 
     return optuna.load_study(study_name=name, storage=f"sqlite:///{Path(folder) / 'optuna.db'}")

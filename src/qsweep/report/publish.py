@@ -37,7 +37,8 @@ def absolute_paths(logged: LoggedTrial) -> dict[str, Any]:
         value = config["data"].get(key)
         if value and (path := resolve_path(value, base_dir)).exists():
             config["data"][key] = str(path)
-    config["evaluation"]["include_path"] = [str(resolve_path(p, base_dir)) for p in config["evaluation"]["include_path"]]
+    config["evaluation"]["include_path"] = [str(resolve_path(p, base_dir))
+                                            for p in config["evaluation"]["include_path"]]
     return config
 
 
