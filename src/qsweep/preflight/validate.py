@@ -4,7 +4,9 @@ Each check lives in the preflight module of its concern (space, data, asha, eval
 tracking, output, fit) and returns its problems (an empty list when all is well), so
 `validate_sweep` reports every mistake at once instead of stopping at the first. Nothing here
 trains, starts Ray, or writes tracking files or qsweep's cache: a sweep that fails validation
-leaves no trace (model files it needs are written to a scratch folder removed at the end).
+leaves no trace (model files it needs are written to a scratch folder removed at the end). One
+exception, see preflight.model: an embedded SmolLM2 whose GGUF file is not on this machine yet is
+downloaded and built as before, since its config cannot be had without the file.
 """
 
 from __future__ import annotations
