@@ -15,6 +15,8 @@ from qsweep.cli import app
 
 pytestmark = pytest.mark.slow
 
+CHEAP_ITEMS, FINAL_ITEMS = 8, 20
+
 
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
@@ -30,8 +32,9 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
             {"quantization.quant_type": "fp4", "lora.target_modules": "attention", "lora.r": 4},
         ],
     }
-    # Scored on a seeded 8 items during the search, then both re-scored on all 38 at the end.
-    sweep["evaluation"]["final"] = {"top_k": 2}
+    # Scored on a seeded 8 items during the search, then both re-scored on 20 (of 38) at the end.
+    sweep["evaluation"]["limit"] = CHEAP_ITEMS
+    sweep["evaluation"]["final"] = {"top_k": 2, "limit": FINAL_ITEMS}
     path = sweep_bench.write(workdir, sweep, experiment="e2e", name="tiny.yaml")
     result = sweep_bench.invoke("run", path)
     return {"result": result, "uri": sweep["tracking"]["uri"], "workdir": workdir}
@@ -152,7 +155,9 @@ def test_promote_then_load_by_alias_gives_the_same_adapter(finished_sweep, tmp_p
     assert digest(from_registry) == digest(from_run)
     version = mlflow.MlflowClient().get_model_version_by_alias(name, "production")
     assert version.run_id == run_id
-    assert version.tags["quant_type"] in ("nf4", "fp4") and len(version.tags["base_model_hash"]) == 64
+    logged = [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0]
+    assert version.tags["quant_type"] == logged.data.params["quantization.quant_type"]
+    assert version.tags["base_model_hash"] == logged.data.params["provenance.model_hash"]
     assert float(version.tags["score.zorble/acc"]) == pytest.approx(
         [r for r in _trial_runs(finished_sweep["uri"]) if r.info.run_id == run_id][0].data.metrics["zorble/acc"],
         abs=1e-5)
@@ -204,11 +209,14 @@ def test_cheap_and_final_stages_score_the_items_they_claim(finished_sweep, tmp_p
         cheap = _artifact_json(finished_sweep, run_id, "lm_eval_results.json", tmp_path / run_id)["items"]["zorble"]
         samples = client(finished_sweep["uri"]).download_artifacts(run_id, "lm_eval_samples.jsonl", str(tmp_path / run_id))
         scored = sorted(json.loads(line)["doc_id"] for line in Path(samples).read_text().splitlines())
-        assert scored == sorted(cheap) and len(cheap) == 8
+        assert scored == sorted(cheap) and len(cheap) == CHEAP_ITEMS
         cheap_ids.add(tuple(cheap))
         final = _artifact_json(finished_sweep, run_id, "final_items.json", tmp_path / run_id)["items"]
-        assert final is None or len(final["zorble"]) == test_items
-        assert "final/zorble/acc" in run.data.metrics
+        assert list(final) == ["zorble"] and len(set(final["zorble"])) == FINAL_ITEMS
+        assert set(final["zorble"]) <= set(range(test_items))
+        # An accuracy over FINAL_ITEMS items is a whole number of hits.
+        hits_final = run.data.metrics["final/zorble/acc"] * FINAL_ITEMS
+        assert hits_final == pytest.approx(round(hits_final), abs=1e-6)
         hits = [json.loads(line)["acc"] for line in Path(samples).read_text().splitlines()]
         assert run.data.metrics["zorble/acc"] == pytest.approx(sum(hits) / len(hits))
     assert len(cheap_ids) == 1, "every trial must be scored on the same seeded items"
@@ -218,8 +226,11 @@ def test_baselines_per_quant_type_and_each_trials_delta(finished_sweep):
     (parent,) = SweepBench.runs(finished_sweep["uri"], "e2e", "sweep")
     baselines = {q: parent.data.metrics[f"baseline/{q}/zorble/acc"] for q in ("nf4", "fp4")}
     assert parent.data.metrics["baseline/zorble/acc"] == baselines["nf4"]
-    assert parent.data.metrics["stages_agree"] in (0.0, 1.0)
-    assert parent.data.tags["qsweep.winner.final"]
+    runs = {r.info.run_id: r.data.metrics for r in _trial_runs(finished_sweep["uri"])}
+    cheap, final = parent.data.tags["qsweep.winner.cheap"], parent.data.tags["qsweep.winner.final"]
+    assert runs[cheap]["zorble/acc"] == max(m["zorble/acc"] for m in runs.values())
+    assert runs[final]["final/zorble/acc"] == max(m["final/zorble/acc"] for m in runs.values())
+    assert parent.data.metrics["stages_agree"] == float(cheap == final)
     for run in _trial_runs(finished_sweep["uri"]):
         quant = run.data.params["quantization.quant_type"]
         assert run.data.metrics["delta/zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"] - baselines[quant])

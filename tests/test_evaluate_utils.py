@@ -138,8 +138,12 @@ def test_the_shipped_groups_for_hub_users_are_known_to_lm_eval():
     from qsweep.evaluate.harness import builtin_task_names, task_manager
 
     assert {"qsweep_reasoning", "qsweep_knowledge"} <= builtin_task_names()
-    entry = task_manager(True).task_index["qsweep_reasoning"]
-    assert entry is not None
+    manager = task_manager(True)
+    for group in ("qsweep_reasoning", "qsweep_knowledge"):
+        entry = manager.task_index[group]
+        assert entry.kind.name == "GROUP", group
+        # lm-eval resolves every member: a typo in a task name would fail only on a hub machine.
+        assert entry.cfg["task"] and [t for t in entry.cfg["task"] if t not in manager.task_index] == [], group
 
 
 def test_the_weighted_objective_is_computed_as_documented():

@@ -192,12 +192,9 @@ def show(run_id: str = typer.Argument(..., help="a finished trial's MLflow run i
          tracking_uri: str = TRACKING_OPTION) -> None:
     """Print a trial's full config and scores as a single-trial sweep file (`qsweep run` re-trains it)."""
     from qsweep.report.publish import single_trial_sweep
-    from qsweep.tracking import client
 
     logged = _fetch(tracking_uri, run_id, with_adapter=False)
-    tags = client(tracking_uri).get_run(run_id).data.tags
-    sys.stdout.write(single_trial_sweep(logged, tags.get("qsweep.sweep", "trial"), tags.get("qsweep.metric", ""),
-                                        "maximize", tracking_uri))
+    sys.stdout.write(single_trial_sweep(logged, tracking_uri))
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 A fresh sweep and a resumed one take the same path: Ray Tune restores its own experiment state
 (finished trials kept, in-flight ones restarted with their configs) and the Optuna study lives in
-its own storage in the output folder, so nothing here invents a checkpoint format.
+its own storage in the output folder, so nothing here invents a checkpoint format. A driver killed
+before Ray saved its state leaves only the study and MLflow: a new Tuner then runs the trials the
+study still lacks, after the study and the MLflow mirror close what that driver left running.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from qsweep.orchestrate.state import SweepState, check_folder, fingerprint, outp
 from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
-from qsweep.search.searcher import build_searcher
+from qsweep.search.searcher import Tried, build_searcher, prepare_study
 from qsweep.search.space import SearchSpace, apply_params
 from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 
@@ -153,23 +155,22 @@ def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
     )
 
 
-def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine) -> Any:
+def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Machine, mirror: MlflowMirror,
+               num_samples: int) -> Any:
     from ray import tune
 
-    health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
-    mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
     return tune.Tuner(
         _trainable(sweep, folder / "trials", machine),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
             scheduler=build_scheduler(sweep),
-            num_samples=sweep.search.num_trials,
+            num_samples=num_samples,
             # A fresh process per trial: its peak memory is its own, and a crash takes nobody else.
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror],
-            stop=AllFailingStopper(health),
+            stop=AllFailingStopper(mirror.health),
             # Only a dead worker or node is a Ray error (see train_trial): retry it elsewhere.
             failure_config=tune.FailureConfig(max_failures=RETRIES_ON_LOST_WORKER),
         ),
@@ -217,10 +218,30 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
+def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine,
+                resuming: bool) -> tuple[Any, Tried]:
+    """Ray Tune's results, and the outcomes of trials run by an earlier driver Ray never saved."""
+    from ray import tune
+
+    if resuming:
+        logger.info("resuming sweep %s from %s", sweep.name, folder)
+        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        return tuner.fit(), Tried()
+    earlier = prepare_study(sweep, folder)
+    if earlier.total:
+        logger.info("sweep %s: Ray saved no state; the study already holds %d trials", sweep.name, earlier.total)
+    health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
+    mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
+    # No Ray trial exists yet, so every child run still RUNNING belongs to a driver that died.
+    mirror.reconcile([])
+    remaining = sweep.search.num_trials - earlier.total
+    return (_new_tuner(sweep, space, folder, machine, mirror, remaining).fit() if remaining > 0 else []), earlier
+
+
 def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
     """Baselines beside the trials, the trials, then deltas, the final stage and search insight."""
     import ray
-    from ray import tune
 
     from qsweep.train.models import resolve_model
 
@@ -230,20 +251,14 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     types = stages.quant_types(sweep, space)
     baselines = stages.logged_baselines(sweep.tracking.uri, state.parent_run_id, types)
     baseline_refs = stages.start_baselines(sweep, types, baselines, resources)
-    if resuming:
-        logger.info("resuming sweep %s from %s", sweep.name, folder)
-        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-    else:
-        tuner = _new_tuner(sweep, space, folder, state, machine)
-    grid = tuner.fit()
+    grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming)
     baselines.update({quant: ray.get(ref) for quant, ref in baseline_refs.items()})
     stages.log_baselines(sweep.tracking.uri, state.parent_run_id, baselines, sweep.quantization.quant_type)
     runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
     stages.log_deltas(sweep.tracking.uri, runs, baselines)
     final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
     log_search_insight(sweep, state, folder)
-    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final, earlier)
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:
@@ -256,22 +271,24 @@ def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> N
 
 
 def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float],
-                      final: dict[str, Any]) -> SweepSummary:
+                      final: dict[str, Any], earlier: Tried) -> SweepSummary:
+    """`earlier`: the outcomes of trials a driver that died before Ray saved its state ran."""
     mlflow_client = tracking.client(sweep.tracking.uri)
     results = list(grid)
     finished = [r for r in results if r.error is None and r.metrics and OBJECTIVE in r.metrics]
     failed = [r for r in results if r.error is not None or (r.metrics and FAILED in r.metrics)]
-    stopped = len(results) - len(finished) - len(failed)
+    stopped = len(results) - len(finished) - len(failed) + earlier.stopped
+    n_finished, n_failed = len(finished) + earlier.finished, len(failed) + earlier.failed
     best = None
     if finished:
         pick = max if sweep.search.direction == "maximize" else min
         top = pick(finished, key=lambda r: r.metrics[OBJECTIVE])
         best = {"trial_id": top.metrics["trial_id"], "config": top.config, OBJECTIVE: top.metrics[OBJECTIVE]}
     gave_up = None
-    if not finished and len(failed) >= min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials):
+    if not n_finished and n_failed >= min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials):
         last = str(failed[-1].error or failed[-1].metrics.get(FAILED)).strip().splitlines()[-1] if failed else ""
-        gave_up = f"the first {len(failed)} trials all failed, so the sweep stopped; last error: {last}"
-    summary_metrics = {"trials_finished": len(finished), "trials_stopped": stopped, "trials_failed": len(failed)}
+        gave_up = f"the first {n_failed} trials all failed, so the sweep stopped; last error: {last}"
+    summary_metrics = {"trials_finished": n_finished, "trials_stopped": stopped, "trials_failed": n_failed}
     if best:
         summary_metrics[f"best/{sweep.search.metric}"] = best[OBJECTIVE]
     tags = {}
@@ -279,7 +296,7 @@ def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline
         summary_metrics["stages_agree"] = float(final["agree"])
         tags = {"qsweep.winner.cheap": final["cheap_winner"], "qsweep.winner.final": final["final_winner"]}
     tracking.log_batch(mlflow_client, state.parent_run_id, metrics=summary_metrics, tags=tags)
-    tracking.end_run(mlflow_client, state.parent_run_id, "FINISHED" if finished else "FAILED",
-                     gave_up or (None if finished else "no trial finished"))
-    return SweepSummary(state.experiment_id, state.parent_run_id, len(finished), stopped, len(failed), baseline,
+    tracking.end_run(mlflow_client, state.parent_run_id, "FINISHED" if n_finished else "FAILED",
+                     gave_up or (None if n_finished else "no trial finished"))
+    return SweepSummary(state.experiment_id, state.parent_run_id, n_finished, stopped, n_failed, baseline,
                         best, gave_up, final)

@@ -42,8 +42,18 @@ def absolute_paths(logged: LoggedTrial) -> dict[str, Any]:
     return config
 
 
-def single_trial_sweep(logged: LoggedTrial, sweep_name: str, metric: str, direction: str, uri: str) -> str:
+def sweep_search(uri: str, run_id: str) -> tuple[str, str, str]:
+    """(sweep name, metric, direction) of a trial's sweep: the direction is on its parent run."""
+    mlflow_client = tracking.client(uri)
+    tags = mlflow_client.get_run(run_id).data.tags
+    parent = tags.get("mlflow.parentRunId")
+    direction = mlflow_client.get_run(parent).data.tags.get("qsweep.direction", "maximize") if parent else "maximize"
+    return tags.get("qsweep.sweep", "trial"), tags.get("qsweep.metric", ""), direction
+
+
+def single_trial_sweep(logged: LoggedTrial, uri: str) -> str:
     """YAML that `qsweep run` accepts and that re-trains exactly this trial's config."""
+    sweep_name, metric, direction = sweep_search(uri, logged.run_id)
     config = absolute_paths(logged)
     config = {
         "name": f"{sweep_name}-rerun-{logged.run_id[:8]}",

@@ -2,7 +2,8 @@
 
 Runs in the driver only (see qsweep.tracking for why). After a resume, the first step reconciles what
 Ray restored with what MLflow holds, so a finished trial is never lost or logged twice and a trial
-that was running when the driver died is marked KILLED before its config is retried.
+that was running when the driver died is marked KILLED before its config is retried. A run whose
+trial Ray never saved (the driver died first) is marked KILLED too: no run stays RUNNING.
 """
 
 from __future__ import annotations
@@ -112,27 +113,30 @@ class MlflowMirror(Callback):
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
         if not self._reconciled:
-            self._reconciled = True
-            self._reconcile(trials)
+            self.reconcile(trials)
 
-    def _reconcile(self, trials: list) -> None:
-        latest = tracking.trial_runs(self.client, self.experiment_id, self.parent_run_id)
-        for trial in trials:
-            run = latest.get(trial.trial_id)
-            if run is None:
-                continue
-            self.runs[trial.trial_id] = run.info.run_id
+    def reconcile(self, trials: list) -> None:
+        """Matches the sweep's child runs to the trials Ray holds (none for a new Tuner), before any
+        trial of this driver starts."""
+        self._reconciled = True
+        by_id = {trial.trial_id: trial for trial in trials}
+        for trial_id, run in tracking.trial_runs(self.client, self.experiment_id, self.parent_run_id).items():
+            trial = by_id.get(trial_id)
+            if trial is not None:
+                self.runs[trial_id] = run.info.run_id
             if run.info.status != "RUNNING":
                 self._count(run.data.tags.get("qsweep.outcome", ""), run.data.tags.get("qsweep.reason", ""))
-                continue
-            if trial.status == "TERMINATED":
+            elif trial is not None and trial.status == "TERMINATED":
                 self.on_trial_complete(0, trials, trial)
-            elif trial.status == "ERROR":
+            elif trial is not None and trial.status == "ERROR":
                 self.on_trial_error(0, trials, trial)
             else:
                 self.client.set_tag(run.info.run_id, "qsweep.outcome", "interrupted")
                 tracking.end_run(self.client, run.info.run_id, "KILLED",
-                                 "the sweep's driver stopped while this trial ran; its config is retried")
+                                 "the sweep's driver stopped while this trial ran; its config is retried"
+                                 if trial is not None else
+                                 "the sweep's driver stopped while this trial ran, before Ray saved it; "
+                                 "a trial Optuna had not been told of is retried")
 
     def _count(self, outcome: str, reason: str) -> None:
         if outcome == "finished":
