@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from qsweep.config.schema import SweepConfig, SweepFileError, TrialConfig, describe_validation_error
 from qsweep.evaluate.harness import builtin_task_names, include_dirs, local_tasks, task_manager
+from qsweep.preflight.mmlu import check_mmlu
 from qsweep.search.space import ParamSpec, SearchSpace, apply_params, check_space, find_space_file, load_space
 from qsweep.train.data import LOCAL_FORMATS, is_local, local_path, template_fields
 from qsweep.train.models import EMBEDDED, is_local_or_embedded
@@ -595,6 +596,7 @@ def validate_sweep(sweep: SweepConfig, source: str, space: SearchSpace | None = 
     problems += _check_data(sweep.trial(), sweep.base_dir)
     problems += _check_asha_validation(sweep) + _check_asha_grace(sweep) + _check_asha_eval_every(sweep)
     problems += _check_tasks(sweep.trial(), sweep.base_dir)
+    problems += check_mmlu(sweep)
     problems += _check_metrics(sweep)
     problems += _check_model(sweep, space)
     problems += _check_tracking(sweep.tracking.uri)
