@@ -90,6 +90,16 @@ def test_group_aggregates_like_lm_evals_mmlu():
     assert mmlu.task_files() == files  # deterministic
 
 
+def test_content_files_cover_yamls_included_templates_and_data(data_file: Path):
+    files = mmlu.content_files()
+    assert len(files) == len(set(files)) == 62 + 58 + 1 and all(f.is_file() for f in files)
+    assert data_file in files and mmlu.lm_eval_mmlu_dir() / "_default_template_yaml" in files
+    generated = [f for f in files if f.parent == mmlu.task_folder()]
+    included = {line.split(":", 1)[1].strip().strip('"') for f in generated for line in f.read_text().splitlines()
+                if line.startswith("include:")}
+    assert included and included <= {str(f) for f in files}
+
+
 def test_offline_group_is_a_local_task_without_the_builtin_index():
     dirs = include_dirs([], Path.cwd())
     assert mmlu.GROUP in local_tasks(dirs)

@@ -11,6 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from qsweep.cli import app
+from qsweep.config.paths import shipped
 from qsweep.evaluate import mmlu
 from qsweep.tracking import client
 
@@ -55,11 +56,12 @@ def test_sweep_runs_offline_and_ranks_by_zorble(mmlu_sweep):
 
 def test_trials_log_mmlu_its_categories_and_delta_vs_base(mmlu_sweep):
     (parent,) = _runs(mmlu_sweep["uri"], "sweep")
-    base = parent.data.metrics[f"baseline/{mmlu.GROUP}/acc"]
     trials = _runs(mmlu_sweep["uri"], "trial")
     assert len(trials) == 2
     for run in trials:
         metrics = run.data.metrics
+        # The untuned base in the trial's own 4-bit type.
+        base = parent.data.metrics[f"baseline/{run.data.params['quantization.quant_type']}/{mmlu.GROUP}/acc"]
         for name in (mmlu.GROUP, *(f"{mmlu.GROUP}_{c}" for c in CATEGORIES)):
             assert 0.0 <= metrics[f"{name}/acc"] <= 1.0, name
         assert metrics[f"delta/{mmlu.GROUP}/acc"] == pytest.approx(metrics[f"{mmlu.GROUP}/acc"] - base)
@@ -89,3 +91,12 @@ def test_leaderboard_shows_mmlu_beside_the_ranked_score(mmlu_sweep):
         assert row["mmlu_delta"] == metrics[f"delta/{mmlu.GROUP}/acc"]
         assert row["mmlu_stem"] == metrics[f"{mmlu.GROUP}_stem/acc"]
         assert row["mmlu_hum"] == metrics[f"{mmlu.GROUP}_humanities/acc"]
+
+
+def test_shipped_mmlu_sweep_validates_without_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    result = CliRunner().invoke(app, ["validate", str(shipped("sweeps") / "mmlu.yaml")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -227,6 +227,15 @@ def task_folder() -> Path:
     return folder
 
 
+def content_files() -> list[Path]:
+    """Every file the group's prompts and documents come from, for a content hash (an evaluation
+    cache): the generated YAMLs, the lm-eval YAMLs they include, and the one data file."""
+    folder = task_folder()
+    included = [lm_eval_mmlu_dir() / "_default_template_yaml",
+                *(lm_eval_mmlu_dir() / f"mmlu_{s}.yaml" for s in subjects())]
+    return [*(folder / name for name in sorted(task_files())), *included, data_path()]
+
+
 def fewshot_problem(tasks: list[str], num_fewshot: int) -> str | None:
     offline = [t for t in tasks if t in task_names()]
     if not offline or num_fewshot == 0:
