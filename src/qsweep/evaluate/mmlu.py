@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from qsweep.train.models import cache_dir
+from qsweep.config.paths import cache_dir
 
 logger = logging.getLogger(__name__)
 

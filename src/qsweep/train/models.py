@@ -18,15 +18,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
+from qsweep.config.paths import cache_dir
+
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-def cache_dir() -> Path:
-    path = Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass(frozen=True)
