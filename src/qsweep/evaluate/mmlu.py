@@ -128,12 +128,11 @@ def _write_converted(target: Path) -> None:
     partial.replace(target)
 
 
-def data_problem(fetch: bool = True) -> str | None:
-    """Why the offline data cannot be used (missing and not fetchable, or corrupt), or None."""
+def data_problem() -> str | None:
+    """Why the offline data cannot be used (missing and not fetchable, or corrupt), or None.
+    Builds it first when it is missing."""
     target = data_path()
     if not target.exists():
-        if not fetch:
-            return f"the offline MMLU data {target} is missing; {how_to_get()}"
         try:
             _write_converted(target)
         except (MMLUDataError, OSError, KeyError, ValueError) as error:
