@@ -105,9 +105,9 @@ def after_and_train(steps: int | None, out_dir: Path) -> tuple[dict[str, Any], A
 
     calls: list[dict[str, Any]] = []
 
-    def timed_score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, limit: Any = "config") -> Any:
+    def timed_score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: Any = None) -> Any:
         tick = time.perf_counter()
-        result = score(model, tokenizer, evaluation, base_dir, limit)
+        result = score(model, tokenizer, evaluation, base_dir, stage)
         calls.append({"seconds": time.perf_counter() - tick, "result": result, "model": model, "tokenizer": tokenizer})
         return result
 

@@ -53,7 +53,7 @@ def test_quickstart_parses_with_its_values():
     assert sweep.search.num_trials >= 4 and sweep.search.metric == "zorble/acc"
     assert sweep.search.direction == "maximize"
     assert {b["quantization.quant_type"] for b in sweep.search.baselines} == {"nf4", "fp4"}
-    assert sweep.evaluation.tasks == ["zorble"]
+    assert sweep.evaluation.tasks == ["zorble", "mmlu_offline"] and sweep.evaluation.per_subject == 1
     assert sweep.tracking.experiment == "quickstart"
     assert sweep.base_dir == QUICKSTART.parent.resolve()
 

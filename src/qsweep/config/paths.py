@@ -1,4 +1,5 @@
-"""Paths: where the shipped sweeps, search spaces and evaluation tasks live, and relative-path resolution.
+"""Paths: where the shipped sweeps, search spaces and evaluation tasks live, relative-path resolution,
+and qsweep's cache.
 
 A wheel carries them inside the package (qsweep/data/*); a source checkout or editable install
 reads them from the repository's top-level folders, which are the originals.
@@ -6,6 +7,7 @@ reads them from the repository's top-level folders, which are the originals.
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -31,4 +33,17 @@ def existing_path(value: str | Path, base_dir: Path | None) -> Path:
     path = Path(value).expanduser()
     if not path.is_absolute() and base_dir is not None and (base_dir / path).exists():
         return base_dir / path
+    return path
+
+
+def cache_root() -> Path:
+    """Where qsweep caches models, hashes, calibration and the offline MMLU ($QSWEEP_CACHE); not
+    created (readers must not write)."""
+    return Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
+
+
+def cache_dir() -> Path:
+    """The cache folder, created: for what qsweep builds once and reuses."""
+    path = cache_root()
+    path.mkdir(parents=True, exist_ok=True)
     return path

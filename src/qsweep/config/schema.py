@@ -97,6 +97,9 @@ class FinalStageConfig(Strict):
 
     top_k: int = Field(3, ge=1)
     limit: int | None = Field(None, ge=1, description="items per task in the final stage; null = every item")
+    per_subject: int | None = Field(
+        None, ge=1, description="items per subtask of a group task (mmlu) in the final stage; null = every item"
+    )
 
 
 class EvaluationConfig(Strict):
@@ -104,6 +107,10 @@ class EvaluationConfig(Strict):
     num_fewshot: int = Field(0, ge=0)
     limit: int | None = Field(
         None, ge=1, description="score a seeded random subset of N items per task (the same for every trial)"
+    )
+    per_subject: int | None = Field(
+        None, ge=1, description="for a group task (mmlu): a seeded stratified subset of k items per subtask "
+        "(subject), the same for every trial; its other tasks keep `limit`"
     )
     subset_seed: int = 0
     batch_size: int | Literal["auto"] = Field("auto", description="auto = sized from free memory")

@@ -2,7 +2,8 @@
 
 Local tasks (YAML files in evaluation/ or the sweep's include_path) are loaded here so their
 `data_files` can be relative to the YAML; lm-eval itself resolves them against the working
-directory. Built-in tasks go through lm-eval's TaskManager, indexed once per process (~14 s).
+directory. Local groups (the offline MMLU, generated into the cache) and built-in tasks go through
+lm-eval's TaskManager, indexed once per process (local folders ~0.1 s, with the built-in ones ~14 s).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class EvalResult:
 
 
 def include_dirs(extra: list[str], base_dir: Path) -> list[Path]:
-    dirs = [shipped("evaluation") / "tasks"]
+    from qsweep.evaluate import mmlu
+
+    dirs = [shipped("evaluation") / "tasks", mmlu.task_folder()]
     return dirs + [resolve_path(value, base_dir) for value in extra]
 
 
@@ -43,13 +46,23 @@ def _local_task_index(dirs: tuple[Path, ...]) -> dict[str, Path]:
                 head = yaml.load(path.read_text(), Loader=yaml.BaseLoader)
             except yaml.YAMLError:
                 continue
-            if isinstance(head, dict) and isinstance(head.get("task"), str):
-                index.setdefault(head["task"], path)
+            if not isinstance(head, dict):
+                continue
+            name = head.get("task") if isinstance(head.get("task"), str) else head.get("group")
+            if isinstance(name, str):
+                index.setdefault(name, path)
     return index
 
 
 def local_tasks(dirs: list[Path]) -> dict[str, Path]:
+    """Local task and group names → their YAML."""
     return _local_task_index(tuple(dirs))
+
+
+def _is_group(path: Path) -> bool:
+    import yaml
+
+    return "group" in yaml.load(path.read_text(), Loader=yaml.BaseLoader)
 
 
 def _local_task_config(path: Path) -> dict[str, Any]:
@@ -71,15 +84,17 @@ def _relative_to(folder: Path, files: Any) -> Any:
     return str((folder / files).resolve()) if not Path(files).is_absolute() else files
 
 
-@functools.lru_cache(maxsize=2)
-def task_manager(with_builtin: bool) -> Any:
-    """One index per process: building the default index costs ~14 s, the local-only one ~1 ms.
-    The shipped groups (evaluation/groups) combine built-in tasks, so they come with the default."""
+@functools.lru_cache(maxsize=4)
+def task_manager(with_builtin: bool, dirs: tuple[Path, ...] = ()) -> Any:
+    """One index per process: building the default index costs ~14 s, a local-only one ~0.1 s.
+    The local folders resolve local groups by name; the shipped groups (evaluation/groups) combine
+    built-in tasks, so they come with the default."""
     from lm_eval.tasks import TaskManager
 
+    paths = [str(d) for d in dirs if d.is_dir()]
     if not with_builtin:
-        return TaskManager(include_defaults=False)
-    return TaskManager(include_path=str(shipped("evaluation") / "groups"), include_defaults=True)
+        return TaskManager(include_path=paths or None, include_defaults=False)
+    return TaskManager(include_path=[str(shipped("evaluation") / "groups"), *paths], include_defaults=True)
 
 
 def builtin_task_names() -> set[str]:
@@ -87,8 +102,10 @@ def builtin_task_names() -> set[str]:
 
 
 def task_specs(tasks: list[str], dirs: list[Path]) -> list[str | dict]:
+    """A local task as its config (data paths made absolute); a group or a built-in task by name."""
     local = local_tasks(dirs)
-    return [_local_task_config(local[name]) if name in local else name for name in tasks]
+    return [_local_task_config(local[name]) if name in local and not _is_group(local[name]) else name
+            for name in tasks]
 
 
 def _finite(value: Any) -> bool:
@@ -131,18 +148,26 @@ def _leaf_tasks(task_dict: dict) -> dict[str, Any]:
     return leaves
 
 
-def subset_ids(specs: list[str | dict], n: int, seed: int, manager: Any) -> dict[str, list[int]]:
-    """The same seeded random N items of every task for every trial: a subset drawn at random, not
-    the first N, because task files are often sorted (by subject, by difficulty, by x)."""
+def subset_ids(specs: list[str | dict], limit: int | None, seed: int, manager: Any,
+               per_subject: int | None = None) -> dict[str, list[int]]:
+    """The same seeded random items of every task for every trial: `limit` per task, and
+    `per_subject` per subtask of a group (mmlu: k per subject, a stratified subset) where it is set.
+    Drawn at random, not the first N, because task files are often sorted (by subject, by x).
+    A task left out is scored on every item."""
     import random
 
     from lm_eval.tasks import get_task_dict
 
     chosen = {}
-    for name, task in _leaf_tasks(get_task_dict(specs, manager)).items():
-        count = len(list(task.eval_docs))
-        rng = random.Random(f"{seed}:{name}")
-        chosen[name] = sorted(rng.sample(range(count), min(n, count)))
+    for key, value in get_task_dict(specs, manager).items():
+        grouped = isinstance(value, dict)
+        n = per_subject if grouped and per_subject is not None else limit
+        if n is None:
+            continue
+        for name, task in _leaf_tasks({key: value}).items():
+            count = len(list(task.eval_docs))
+            rng = random.Random(f"{seed}:{name}")
+            chosen[name] = sorted(rng.sample(range(count), min(n, count)))
     return chosen
 
 
@@ -175,14 +200,21 @@ def evaluate_model(
     limit: int | None = None,
     batch_size: int | str = "auto",
     subset_seed: int = 0,
+    per_subject: int | None = None,
 ) -> EvalResult:
-    """Scores the model in memory; `limit` draws a seeded subset of items, recorded in the result."""
+    """Scores the model in memory; `limit` / `per_subject` draw a seeded subset of items, recorded
+    in the result."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    from qsweep.evaluate.mmlu import fewshot_problem
+
+    if problem := fewshot_problem(tasks, num_fewshot):
+        raise ValueError(problem)
     specs = task_specs(tasks, dirs)
-    manager = task_manager(any(isinstance(s, str) for s in specs))
-    samples = subset_ids(specs, limit, subset_seed, manager) if limit else None
+    local = local_tasks(dirs)
+    manager = task_manager(any(isinstance(s, str) and s not in local for s in specs), tuple(dirs))
+    samples = subset_ids(specs, limit, subset_seed, manager, per_subject) if limit or per_subject else None
     if batch_size == "auto":
         batch_size = auto_batch_size(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
@@ -199,10 +231,12 @@ def evaluate_model(
     return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=records, items=samples)
 
 
-def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, limit: int | None | str = "config") -> EvalResult:
-    """Scores with a trial's evaluation config; `limit` overrides the config's (the final stage)."""
+def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: Any = None) -> EvalResult:
+    """Scores with a trial's evaluation config; a final stage's `limit` and `per_subject` replace
+    the config's."""
+    items = stage if stage is not None else evaluation
     return evaluate_model(
         model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
-        num_fewshot=evaluation.num_fewshot, limit=evaluation.limit if limit == "config" else limit,
+        num_fewshot=evaluation.num_fewshot, limit=items.limit, per_subject=items.per_subject,
         batch_size=evaluation.batch_size, subset_seed=evaluation.subset_seed,
     )

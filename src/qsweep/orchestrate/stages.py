@@ -103,10 +103,11 @@ def log_deltas(uri: str, runs: dict[str, Any], baselines: dict[str, dict[str, fl
             tracking.log_batch(mlflow_client, run.info.run_id, metrics=values)
 
 
-def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, Any]:
+def score_final(trial_dir: str, stage: dict[str, Any], threads: int) -> dict[str, Any]:
     """Reloads a trial's adapter exactly as logged and scores it on the final stage's items."""
     import torch
 
+    from qsweep.config.schema import FinalStageConfig
     from qsweep.evaluate.harness import score
     from qsweep.report.replay import load_trained
     from qsweep.train.provenance import CONFIG_FILE, read_trial_config
@@ -116,7 +117,7 @@ def score_final(trial_dir: str, limit: int | None, threads: int) -> dict[str, An
     trial, provenance = read_trial_config(folder / CONFIG_FILE)
     base_dir = Path(provenance["base_dir"])
     model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
-    result = score(model, tokenizer, trial.evaluation, base_dir, limit=limit)
+    result = score(model, tokenizer, trial.evaluation, base_dir, stage=FinalStageConfig(**stage))
     return {"scores": result.scores, "items": result.items}
 
 
@@ -133,7 +134,7 @@ def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
     reverse = sweep.search.direction == "maximize"
     top = sorted(finished, key=lambda r: r.data.metrics[metric], reverse=reverse)[:final.top_k]
     remote = ray.remote(score_final).options(**ray_options(resources))
-    refs = {run.info.run_id: remote.remote(str(trials_root / run.data.tags["qsweep.trial_id"]), final.limit,
+    refs = {run.info.run_id: remote.remote(str(trials_root / run.data.tags["qsweep.trial_id"]), final.model_dump(),
                                            max(1, int(resources.get("cpu", 1))))
             for run in top}
     mlflow_client = tracking.client(sweep.tracking.uri)

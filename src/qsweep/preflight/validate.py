@@ -19,6 +19,7 @@ from qsweep.preflight.asha import check_asha
 from qsweep.preflight.data import check_completion_lengths, check_data
 from qsweep.preflight.evaluation import check_metrics, check_tasks
 from qsweep.preflight.fit import check_fits
+from qsweep.preflight.mmlu import check_mmlu
 from qsweep.preflight.model import check_targets, model_folder
 from qsweep.preflight.output import check_output_dir
 from qsweep.preflight.space import check_baselines, check_when_values, load_space_of
@@ -52,6 +53,7 @@ def validate_sweep(sweep: SweepConfig, source: str, space: SearchSpace | None = 
     problems += data_problems
     problems += check_asha(sweep)
     problems += check_tasks(sweep.trial(), sweep.base_dir)
+    problems += check_mmlu(sweep)
     problems += check_metrics(sweep)
     with tempfile.TemporaryDirectory(prefix="qsweep-preflight-") as scratch:
         folder, model_problems = _check_model(sweep, space, not data_problems, Path(scratch))

@@ -20,6 +20,10 @@ KEY_PARAMS = {
     "lr": "training.learning_rate",
 }
 MEASURES = {"peak_mb": "peak_memory_mb", "train_s": "train_seconds", "tok/s": "tokens_per_second"}
+# MMLU beside the ranked score (a "does not forget" guard): the group and its four categories as
+# lm-eval reports them (offline copy or lm-eval's own), and the group's change against the base.
+MMLU_GROUPS = ("mmlu_offline", "mmlu")
+MMLU_CATEGORIES = {"stem": "stem", "hum": "humanities", "soc": "social_sciences", "other": "other"}
 
 
 class LeaderboardError(ValueError):
@@ -33,6 +37,7 @@ class Leaderboard:
     direction: str
     baseline: float | None
     rows: list[dict[str, Any]]
+    mmlu: str | None = None
 
 
 def latest_experiment(mlflow_client: Any) -> str:
@@ -110,15 +115,17 @@ def build_leaderboard(uri: str, experiment: str | None = None, metric: str | Non
         query += f" and tags.`qsweep.sweep` = '{sweep}'"
     runs = mlflow_client.search_runs([found.experiment_id], filter_string=query,
                                      order_by=[f"metrics.`{metric}` {order}"], max_results=5000)
-    rows = rank_final_first([_row(run, metric) for run in runs if metric in run.data.metrics], direction)
+    kept = [run for run in runs if metric in run.data.metrics]
+    mmlu = next((g for g in MMLU_GROUPS if any(f"{g}/acc" in run.data.metrics for run in kept)), None)
+    rows = rank_final_first([_row(run, metric, mmlu) for run in kept], direction)
     front = pareto_front(rows, metric, direction)
     for row in rows:
         row["pareto"] = row["run_id"] in front
     baseline = sweep_run.data.metrics.get(f"baseline/{metric}") if sweep_run else None
-    return Leaderboard(experiment, metric, direction, baseline, rows[:top])
+    return Leaderboard(experiment, metric, direction, baseline, rows[:top], mmlu)
 
 
-def _row(run: Any, metric: str) -> dict[str, Any]:
+def _row(run: Any, metric: str, mmlu: str | None) -> dict[str, Any]:
     metrics, params = run.data.metrics, run.data.params
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial": run.data.tags.get("qsweep.trial_id", "")}
     row[metric] = metrics[metric]
@@ -127,12 +134,16 @@ def _row(run: Any, metric: str) -> dict[str, Any]:
     row["delta"] = metrics.get(f"delta/{metric}")
     row.update({label: params.get(key) for label, key in KEY_PARAMS.items()})
     row.update({label: metrics.get(key) for label, key in MEASURES.items()})
+    if mmlu:
+        row["mmlu"] = metrics.get(f"{mmlu}/acc")
+        row["mmlu_delta"] = metrics.get(f"delta/{mmlu}/acc")
+        row.update({f"mmlu_{label}": metrics.get(f"{mmlu}_{c}/acc") for label, c in MMLU_CATEGORIES.items()})
     return row
 
 
 def to_json(board: Leaderboard) -> str:
     return json.dumps({"experiment": board.experiment, "metric": board.metric, "baseline": board.baseline,
-                       "rows": board.rows}, indent=2)
+                       "mmlu": board.mmlu, "rows": board.rows}, indent=2)
 
 
 def to_csv(board: Leaderboard) -> str:
@@ -158,12 +169,14 @@ def to_table(board: Leaderboard) -> Any:
 
 
 def _display_columns(board: Leaderboard) -> list[str]:
-    return ["run", board.metric, "final", "Δ base", *KEY_PARAMS, *MEASURES, "pareto"]
+    mmlu = [board.mmlu, "Δ mmlu", *MMLU_CATEGORIES] if board.mmlu else []
+    return ["run", board.metric, "final", "Δ base", *mmlu, *KEY_PARAMS, *MEASURES, "pareto"]
 
 
 def _display_cells(board: Leaderboard, row: dict[str, Any], pareto_mark: str) -> list[str]:
     score = f"{row[board.metric]:.3f}" + (f" ± {row['stderr']:.3f}" if row["stderr"] is not None else "")
-    return [row["run_id"], score, _cell(row["final"]), _cell(row["delta"]),
+    mmlu = ["mmlu", "mmlu_delta", *(f"mmlu_{c}" for c in MMLU_CATEGORIES)] if board.mmlu else []
+    return [row["run_id"], score, _cell(row["final"]), _cell(row["delta"]), *(_cell(row[c]) for c in mmlu),
             *(_cell(row[c]) for c in KEY_PARAMS), *(_cell(row[c]) for c in MEASURES),
             pareto_mark if row.get("pareto") else ""]
 

@@ -18,22 +18,11 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
-from qsweep.config.paths import existing_path
+from qsweep.config.paths import cache_dir, cache_root, existing_path
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-def cache_root() -> Path:
-    """Where qsweep caches models, hashes and calibration; not created (readers must not write)."""
-    return Path(os.environ.get("QSWEEP_CACHE", Path.home() / ".cache" / "qsweep"))
-
-
-def cache_dir() -> Path:
-    path = cache_root()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass(frozen=True)

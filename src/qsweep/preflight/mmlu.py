@@ -1,0 +1,30 @@
+"""The offline MMLU before any training: its data is there and sound, and it is scored 0-shot.
+
+Also tells a sweep that names lm-eval's own `mmlu` on a machine told to stay off the hub that the
+offline copy exists.
+"""
+
+from __future__ import annotations
+
+from qsweep.config.schema import SweepConfig
+from qsweep.evaluate import mmlu
+
+
+def check_mmlu(sweep: SweepConfig) -> list[str]:
+    # validate.py imports this module: its helpers are imported here, when called.
+    from qsweep.preflight.validate import _env_flag, _hub_dataset_cached
+
+    tasks = sweep.evaluation.tasks
+    problems = []
+    if "mmlu" in tasks and _env_flag("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") and not _hub_dataset_cached("cais/mmlu"):
+        problems.append(f"evaluation.tasks: lm-eval's own 'mmlu' downloads cais/mmlu from the Hugging Face hub, "
+                        f"which HF_HUB_OFFLINE/HF_DATASETS_OFFLINE rule out (and it is not cached); use "
+                        f"'{mmlu.GROUP}' (the same task on a local copy of the test split) and metric "
+                        f"{mmlu.GROUP}/acc")
+    if not any(t in mmlu.task_names() for t in tasks):
+        return problems
+    if fewshot := mmlu.fewshot_problem(tasks, sweep.evaluation.num_fewshot):
+        problems.append(fewshot)
+    if data := mmlu.data_problem():
+        problems.append(f"evaluation.tasks: {data}")
+    return problems
