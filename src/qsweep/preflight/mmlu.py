@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from qsweep.config.schema import SweepConfig
 from qsweep.evaluate import mmlu
+from qsweep.preflight.hub import env_flag, hub_dataset_cached
 
 
 def check_mmlu(sweep: SweepConfig) -> list[str]:
-    # validate.py imports this module: its helpers are imported here, when called.
-    from qsweep.preflight.validate import _env_flag, _hub_dataset_cached
-
     tasks = sweep.evaluation.tasks
     problems = []
-    if "mmlu" in tasks and _env_flag("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") and not _hub_dataset_cached("cais/mmlu"):
+    if "mmlu" in tasks and env_flag("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") and not hub_dataset_cached("cais/mmlu"):
         problems.append(f"evaluation.tasks: lm-eval's own 'mmlu' downloads cais/mmlu from the Hugging Face hub, "
                         f"which HF_HUB_OFFLINE/HF_DATASETS_OFFLINE rule out (and it is not cached); use "
                         f"'{mmlu.GROUP}' (the same task on a local copy of the test split) and metric "

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from qsweep.config.paths import cache_dir, cache_root
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
-from qsweep.config.paths import cache_dir, cache_root
 
 # Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
 SAFETY_MARGIN = 1.15
