@@ -113,7 +113,7 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base) -> dict:
 
 def final_frame(screen: str) -> str:
     """The live table as it was last drawn (the terminal holds every redraw)."""
-    start = screen.rindex("trials done (")
+    start = screen.rindex("live (")
     return screen[screen.rindex("\n", 0, start) + 1:]
 
 
@@ -126,7 +126,7 @@ def test_ray_banner_and_tensorboard_hint_go_to_the_log_not_the_terminal(finished
     for noise in (RAY_BANNER, TENSORBOARD_HINT, "Token authentication", "tensorboardx", "INFO "):
         assert noise not in screen
     assert RAY_BANNER in log and TENSORBOARD_HINT in log
-    assert str(finished_sweep["log"]) in screen, "the terminal says where the log is"
+    assert "output: runs/live/sweep.log" in screen, "the terminal says where the log is"
 
 
 def test_live_view_shows_running_trials_then_final_states_counts_and_best(finished_sweep):
@@ -135,7 +135,7 @@ def test_live_view_shows_running_trials_then_final_states_counts_and_best(finish
     assert len(runs) == 2
     assert re.search(r"│ \w{8}\s+│ running", screen), "no frame showed a running trial"
     frame = final_frame(screen)
-    assert "live: 2/2 trials done" in frame
+    assert "live (trials ended): 2/2 trials done" in frame
     states = {trial_id: expected_state(run, driver_alive=True) for trial_id, run in runs.items()}
     for trial_id, state in states.items():
         row = next(line for line in frame.splitlines() if f"│ {trial_id}" in line)

@@ -85,7 +85,7 @@ def test_no_eta_before_any_progress_and_no_best_before_a_finished_trial():
 
 def test_table_shows_every_trial_with_its_state_step_loss_score_memory_share_and_params():
     text = text_of(progress_table(sample(), now=1000.0))
-    assert "demo: 4/6 trials done (running)" in text
+    assert "demo (running): 4/6 trials done" in text
     row = next(line for line in text.splitlines() if "aaaa0001" in line)
     for cell in ("finished", "40/40", "1.2", "0.65", "8,000 MiB (10.0%)", "r=16", "learning_rate=0.00123"):
         assert cell in row, (cell, row)

@@ -52,7 +52,7 @@ def load_and_validate(path: Path) -> tuple[SweepConfig, object]:
 @app.callback()
 def main(ctx: typer.Context,
          verbose: bool = typer.Option(False, "--verbose", "-v",
-                                      help="Ray's, MLflow's and the trials' own output on the terminal too")) -> None:
+                                      help="Ray's, MLflow's and the libraries' output on the terminal too")) -> None:
     ctx.obj = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qsweep").setLevel(logging.INFO)
@@ -75,7 +75,8 @@ def run_with_live_view(sweep: SweepConfig, sweep_file: Path, space: object, addr
     check_folder(sweep, str(sweep_file))
     log = output_folder(sweep) / SWEEP_LOG
     if not verbose:
-        console.print(f"Ray's, MLflow's and the trials' own output: {log}", style="dim", highlight=False)
+        shown = log.relative_to(Path.cwd()) if log.is_relative_to(Path.cwd()) else log
+        console.print(f"Ray's, MLflow's and the libraries' output: {shown}", style="dim", highlight=False)
     with sweep_output(log, verbose):
         return run_sweep(sweep, sweep_file, space, address=address)
 

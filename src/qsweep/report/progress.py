@@ -31,7 +31,7 @@ STYLES = {RUNNING: "bold cyan", RETRYING: "yellow", INTERRUPTED: "yellow", FINIS
 
 # What the sweep as a whole is doing.
 SWEEP_RUNNING = "running"
-SWEEP_DONE = "trials done"
+SWEEP_DONE = "trials ended"
 SWEEP_FINISHED = "finished"
 SWEEP_FAILED = "failed"
 SWEEP_INTERRUPTED = "interrupted (driver not running)"
@@ -167,10 +167,12 @@ def progress_table(progress: SweepProgress, now: float | None = None, max_rows: 
         rows = [r for r in rows if id(r) in shown]
     finished_of = sum(1 for r in progress.trials.values() if r.state in DONE)
     table = Table(
-        title=f"{progress.name}: {finished_of}/{progress.num_trials} trials done ({progress.state})",
+        title=f"{progress.name} ({progress.state}): {finished_of}/{progress.num_trials} trials done",
         caption=counts_line(progress, now) + "\n" + best_line(progress)
         + (f"\n… {hidden} earlier trials not shown (qsweep status shows all)" if hidden else ""),
         caption_justify="left", title_justify="left",
+        # The caption wraps at the table's width: a full-width table keeps each caption line whole.
+        expand=True,
     )
     for column, justify in (("trial", "left"), ("state", "left"), ("step", "right"), ("val loss", "right"),
                             (progress.metric, "right"), ("peak memory", "right"), ("params", "left")):
