@@ -193,7 +193,7 @@ def test_status_agrees_with_mlflow_while_running_and_after_the_driver_is_killed(
     runs = latest_runs(uri, "killed")
     assert "RUNNING" in {r.info.status for r in runs.values()}, "MLflow still shows the dead trial running"
     shown = status_json(path, tmp_path)
-    assert shown["state"] == "interrupted (driver not running)"
+    assert shown["state"] == "interrupted: driver not running"
     assert {t["trial_id"]: t["state"] for t in shown["trials"]} == {
         trial_id: expected_state(run, driver_alive=False) for trial_id, run in runs.items()}
     assert shown["counts"]["queued"] == 0 and shown["num_trials"] == 3

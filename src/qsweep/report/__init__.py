@@ -1,4 +1,5 @@
-"""What users read after a sweep: leaderboard, promote/export, replay of a logged trial, ablation statistics.
+"""What users read of a sweep: its progress table (live and `qsweep status`), leaderboard, promote/export,
+replay of a logged trial, ablation statistics.
 
 Reads MLflow through tracking; never starts Ray or a sweep.
 """

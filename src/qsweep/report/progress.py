@@ -34,7 +34,7 @@ SWEEP_RUNNING = "running"
 SWEEP_DONE = "trials ended"
 SWEEP_FINISHED = "finished"
 SWEEP_FAILED = "failed"
-SWEEP_INTERRUPTED = "interrupted (driver not running)"
+SWEEP_INTERRUPTED = "interrupted: driver not running"
 
 
 @dataclass
