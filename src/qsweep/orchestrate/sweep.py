@@ -23,7 +23,7 @@ from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import build_searcher
-from qsweep.search.space import DefineByRun, SearchSpace, apply_params
+from qsweep.search.space import SearchSpace, apply_params
 from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 
 logger = logging.getLogger(__name__)
