@@ -50,7 +50,10 @@ def load_and_validate(path: Path) -> tuple[SweepConfig, object]:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="log every trial event")) -> None:
+def main(ctx: typer.Context,
+         verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="Ray's, MLflow's and the libraries' output on the terminal too")) -> None:
+    ctx.obj = verbose
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("qsweep").setLevel(logging.INFO)
 
@@ -62,9 +65,24 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
     console.print(f"[green]{sweep_file}: valid[/] ({sweep.search.num_trials} trials of {sweep.model.name})")
 
 
-def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> None:
-    from qsweep.orchestrate.state import output_folder, read_state
+def run_with_live_view(sweep: SweepConfig, sweep_file: Path, space: object, address: str | None, verbose: bool):
+    """run_sweep with the live view on the terminal and the libraries' own output in the sweep's log."""
+    from qsweep.orchestrate.live import sweep_output
+    from qsweep.orchestrate.state import SWEEP_LOG, check_folder, output_folder
     from qsweep.orchestrate.sweep import run_sweep
+
+    # Before the log file is opened in it: a folder another sweep owns is refused untouched.
+    check_folder(sweep, str(sweep_file))
+    log = output_folder(sweep) / SWEEP_LOG
+    if not verbose:
+        shown = log.relative_to(Path.cwd()) if log.is_relative_to(Path.cwd()) else log
+        console.print(f"Ray's, MLflow's and the libraries' output: {shown}", style="dim", highlight=False)
+    with sweep_output(log, verbose):
+        return run_sweep(sweep, sweep_file, space, address=address)
+
+
+def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool, verbose: bool) -> None:
+    from qsweep.orchestrate.state import output_folder, read_state
     from qsweep.report.leaderboard import build_leaderboard, to_table
 
     sweep, space = load_and_validate(sweep_file)
@@ -74,7 +92,7 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
     console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials of {sweep.model.name}, "
                   f"ranked by {sweep.search.metric}")
     try:
-        summary = run_sweep(sweep, sweep_file, space, address=address or sweep.cluster.address)
+        summary = run_with_live_view(sweep, sweep_file, space, address or sweep.cluster.address, verbose)
     except SweepFileError as exc:
         fail(exc.problems, exc.source)
     console.print(f"finished {summary.finished}, stopped early {summary.stopped}, failed {summary.failed}")
@@ -97,20 +115,45 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
 
 @app.command()
 def run(
+    ctx: typer.Context,
     sweep_file: Path = typer.Argument(..., help="sweep YAML, e.g. sweeps/quickstart.yaml"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Validate, then run the sweep (or resume it if it was interrupted) and print its leaderboard."""
-    run_or_resume(sweep_file, address, must_resume=False)
+    run_or_resume(sweep_file, address, must_resume=False, verbose=bool(ctx.obj))
 
 
 @app.command()
 def resume(
+    ctx: typer.Context,
     sweep_file: Path = typer.Argument(..., help="the sweep YAML that was interrupted"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Continue an interrupted sweep: finished trials are kept, interrupted ones retried."""
-    run_or_resume(sweep_file, address, must_resume=True)
+    run_or_resume(sweep_file, address, must_resume=True, verbose=bool(ctx.obj))
+
+
+@app.command()
+def status(
+    target: Optional[Path] = typer.Argument(None, help="sweep YAML or its output folder (default: the latest in ./runs)"),
+    format: Format = typer.Option(Format.table, "--format", help="table or json"),
+) -> None:
+    """Where a sweep stands (running, finished, killed or crashed), from its output folder and MLflow alone."""
+    import json
+
+    from qsweep.report.progress import SWEEP_INTERRUPTED, as_dict, progress_table
+    from qsweep.report.status import NoSweep, find_folder, progress_from_mlflow
+
+    try:
+        progress = progress_from_mlflow(find_folder(target))
+    except NoSweep as exc:
+        fail([str(exc)])
+    if format is Format.json:
+        sys.stdout.write(json.dumps(as_dict(progress), indent=2) + "\n")
+        return
+    console.print(progress_table(progress))
+    if progress.state == SWEEP_INTERRUPTED:
+        console.print("its driver is gone (killed or crashed); `qsweep resume SWEEP.yaml` goes on from here")
 
 
 @app.command()
@@ -238,13 +281,13 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
 
 @app.command()
 def ablate(
+    ctx: typer.Context,
     ablation_file: Path = typer.Argument(..., help="ablation YAML, e.g. sweeps/ablation-quant.yaml"),
     address: Optional[str] = typer.Option(None, help="Ray cluster: auto or HEAD:6379 (ray://HOST:PORT needs ray[client])"),
 ) -> None:
     """Run every factor value x seed through the orchestrator, then report mean ± 95% CI and paired tests."""
     from qsweep.orchestrate.ablation_grid import as_sweep, load_ablation, report
     from qsweep.orchestrate.state import output_folder
-    from qsweep.orchestrate.sweep import run_sweep
     from qsweep.preflight.validate import validate_sweep
     from qsweep.report.ablation_report import to_markdown
 
@@ -254,7 +297,7 @@ def ablate(
         validate_sweep(sweep, str(ablation_file), space)
         console.print(f"[bold]{sweep.name}[/]: {sweep.search.num_trials} trials "
                       f"({len(ablation.ablation.seeds)} seeds per cell), ranked by {sweep.search.metric}")
-        summary = run_sweep(sweep, ablation_file, space, address=address or sweep.cluster.address)
+        summary = run_with_live_view(sweep, ablation_file, space, address or sweep.cluster.address, bool(ctx.obj))
     except SweepFileError as exc:
         fail(exc.problems, exc.source)
     console.print(f"finished {summary.finished}, failed {summary.failed}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from qsweep.config.schema import SweepConfig, SweepFileError
 
 STATE_FILE = "qsweep-state.json"
+# The sweep's own log (Ray's, MLflow's and the libraries' output), opened before the folder is checked.
+SWEEP_LOG = "sweep.log"
 
 
 @dataclass
@@ -54,7 +56,7 @@ def check_folder(sweep: SweepConfig, source: str) -> SweepState | None:
     folder = output_folder(sweep)
     state = read_state(folder)
     if state is None:
-        if folder.exists() and any(folder.iterdir()):
+        if folder.exists() and any(path.name != SWEEP_LOG for path in folder.iterdir()):
             raise SweepFileError(source, [
                 f"output_dir: {folder} already holds files that are not this sweep's; "
                 "choose another `name` or `output_dir`, or move that folder away"

@@ -19,6 +19,7 @@ from typing import Any
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
 from qsweep.orchestrate import stages
+from qsweep.orchestrate.live import LiveView
 from qsweep.orchestrate.state import SweepState, check_folder, fingerprint, output_folder, write_state
 from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
@@ -169,7 +170,7 @@ def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Ma
             reuse_actors=False,
         ),
         run_config=tune.RunConfig(
-            name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror],
+            name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror, LiveView(sweep, folder, machine)],
             stop=AllFailingStopper(mirror.health),
             # Only a dead worker or node is a Ray error (see train_trial): retry it elsewhere.
             failure_config=tune.FailureConfig(max_failures=RETRIES_ON_LOST_WORKER),
