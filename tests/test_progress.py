@@ -16,6 +16,14 @@ from qsweep import tracking
 from qsweep.cli import app
 from qsweep.config.schema import SweepConfig
 from qsweep.orchestrate.state import SweepState, write_state
+from qsweep.orchestrate.status import (
+    Driver,
+    driver_alive,
+    progress_from_mlflow,
+    read_driver,
+    trial_state,
+    write_driver,
+)
 from qsweep.report.progress import (
     FAILED,
     FINISHED,
@@ -32,14 +40,6 @@ from qsweep.report.progress import (
     as_dict,
     event_line,
     progress_table,
-)
-from qsweep.report.status import (
-    Driver,
-    driver_alive,
-    progress_from_mlflow,
-    read_driver,
-    trial_state,
-    write_driver,
 )
 
 
@@ -227,7 +227,7 @@ def test_status_exits_2_when_there_is_no_such_sweep(tmp_path, tiny_sweep_dict, m
 
 
 def test_status_does_not_start_ray(mirrored_store):
-    code = ("import sys; from qsweep.report.status import progress_from_mlflow; from pathlib import Path; "
+    code = ("import sys; from qsweep.orchestrate.status import progress_from_mlflow; from pathlib import Path; "
             f"progress_from_mlflow(Path({str(mirrored_store['folder'])!r})); print('ray' in sys.modules)")
     import subprocess
 

@@ -141,8 +141,8 @@ def status(
     """Where a sweep stands (running, finished, killed or crashed), from its output folder and MLflow alone."""
     import json
 
+    from qsweep.orchestrate.status import NoSweep, find_folder, progress_from_mlflow
     from qsweep.report.progress import SWEEP_INTERRUPTED, as_dict, progress_table
-    from qsweep.report.status import NoSweep, find_folder, progress_from_mlflow
 
     try:
         progress = progress_from_mlflow(find_folder(target))

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.live import Live
 
 from qsweep.config.schema import SweepConfig
+from qsweep.orchestrate.status import write_driver
 from qsweep.report.progress import (
     FAILED,
     FINISHED,
@@ -38,7 +39,6 @@ from qsweep.report.progress import (
     event_line,
     progress_table,
 )
-from qsweep.report.status import write_driver
 from qsweep.resources.packing import Machine
 from qsweep.search.objective import FAILED as FAILED_KEY
 from qsweep.search.objective import OBJECTIVE

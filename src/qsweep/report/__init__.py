@@ -1,4 +1,4 @@
-"""What users read of a sweep: its progress table (live and `qsweep status`), leaderboard,
+"""What users read of a sweep: its progress table (live view and `qsweep status`), leaderboard,
 promote/export, replay of a logged trial, ablation statistics (ablation, ablation_report) and the
 search insight (insight).
 
