@@ -250,6 +250,7 @@ def ablate(
     from qsweep.orchestrate.sweep import run_sweep
     from qsweep.preflight.validate import validate_sweep
     from qsweep.report.ablation import to_markdown
+    from qsweep.report.html import publish_at_end
 
     try:
         ablation = load_ablation(ablation_file)
@@ -265,6 +266,7 @@ def ablate(
         raise typer.Exit(code=1)
     result = report(sweep, ablation.ablation, summary.experiment_id, summary.parent_run_id,
                     output_folder(sweep) / "report")
+    publish_at_end(sweep.tracking.uri, summary.parent_run_id, output_folder(sweep))
     console.print(to_markdown(result), markup=False, highlight=False)
     console.print(f"report and plot: {output_folder(sweep) / 'report'} (also on MLflow run {summary.parent_run_id})")
 
@@ -352,3 +354,47 @@ def calibrate(
         factor = fit_calibration(pairs)
         path = save_calibration(device, factor, len(pairs))
         console.print(f"{device}: {len(pairs)} trials, measured/estimated up to {factor:.3f} -> saved to {path}")
+
+
+@app.command()
+def report(
+    target: Optional[str] = typer.Argument(
+        None, help="sweep YAML, or an MLflow run id (the sweep's or one of its trials'); default: the latest sweep"),
+    experiment: Optional[str] = typer.Option(None, help="the latest sweep of this MLflow experiment"),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: OUTPUT_DIR/NAME/report.html)"),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Write the sweep's report, one HTML file: leaderboard, Pareto plot, params, importances, loss curves."""
+    from qsweep.report.html import REPORT_FILE, load_record, write_report
+    from qsweep.report.locate import LocateError, locate
+
+    try:
+        where = locate(target, experiment, tracking_uri)
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    except LocateError as exc:
+        fail([str(exc)])
+    record = load_record(where.uri, where.parent_run_id, where.folder)
+    path = out or (where.folder / REPORT_FILE if where.folder else Path(f"{record.name}-{REPORT_FILE}"))
+    console.print(f"report: {write_report(record, path)}")
+
+
+@app.command()
+def dashboard(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML whose Optuna study to open"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8080, help="port to listen on"),
+) -> None:
+    """Open the sweep's Optuna study in optuna-dashboard (the same as `optuna-dashboard sqlite:///runs/NAME/optuna.db`)."""
+    from optuna_dashboard import run_server
+
+    from qsweep.orchestrate.state import output_folder
+
+    try:
+        study_file = output_folder(load_sweep(sweep_file)) / "optuna.db"
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    if not study_file.exists():
+        fail([f"{study_file} does not exist; run the sweep first with `qsweep run {sweep_file}`"], str(sweep_file))
+    console.print(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
+    run_server(f"sqlite:///{study_file}", host=host, port=port)

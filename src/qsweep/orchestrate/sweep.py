@@ -222,6 +222,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     import ray
     from ray import tune
 
+    from qsweep.report import html as sweep_report
     from qsweep.train.models import resolve_model
 
     machine = this_machine()
@@ -243,7 +244,9 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     stages.log_deltas(sweep.tracking.uri, runs, baselines)
     final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
     log_search_insight(sweep, state, folder)
-    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+    summary = finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+    sweep_report.publish_at_end(sweep.tracking.uri, state.parent_run_id, folder)
+    return summary
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:

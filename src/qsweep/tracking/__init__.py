@@ -23,6 +23,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 LOCK_RETRIES = 8
+# MLflow's UI reads this experiment tag to show training runs (params and metrics side by side)
+# rather than its GenAI views (traces, judges).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# The run's description in MLflow's UI (markdown).
+DESCRIPTION_TAG = "mlflow.note.content"
 
 
 class RetryingClient:
@@ -60,12 +66,23 @@ def client(uri: str) -> Any:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """Creates the schema and the experiment once, here in the driver, before any trial starts."""
+    """Creates the schema and the experiment once, here in the driver, before any trial starts.
+
+    The experiment is marked as training runs; a kind someone set on an existing one is kept.
+    """
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name)
+    if experiment is None:
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def training_view_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's training view: MLflow 3.17's UI picks the view from this
+    URL parameter (or its sidebar toggle, remembered per browser), not from the experiment tag."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def is_secret(name: str) -> bool:
