@@ -65,7 +65,9 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
 def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> None:
     from qsweep.orchestrate.state import output_folder, read_state
     from qsweep.orchestrate.sweep import run_sweep
+    from qsweep.report.html import REPORT_FILE
     from qsweep.report.leaderboard import build_leaderboard, to_table
+    from qsweep.tracking import training_view_url
 
     sweep, space = load_and_validate(sweep_file)
     if must_resume and read_state(output_folder(sweep)) is None:
@@ -90,7 +92,10 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool) -> N
         console.print(f"final stage (top {sweep.evaluation.final.top_k} re-scored) {verdict} with the cheap stage "
                       f"on the winner: run {summary.final['final_winner']}")
         console.print(to_table(build_leaderboard(sweep.tracking.uri, sweep.tracking.experiment, top=10)))
-    console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}")
+    console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}, then (training view) "
+                  f"{training_view_url(sweep.tracking.uri, summary.experiment_id)}")
+    if (report_file := output_folder(sweep) / REPORT_FILE).exists():
+        console.print(f"report: {report_file}")
     if not summary.finished:
         raise typer.Exit(code=1)
 

@@ -79,9 +79,14 @@ def ensure_experiment(uri: str, name: str) -> str:
     return experiment.experiment_id
 
 
-def training_view_url(server: str, experiment_id: str) -> str:
-    """The experiment's runs in MLflow's training view: MLflow 3.17's UI picks the view from this
-    URL parameter (or its sidebar toggle, remembered per browser), not from the experiment tag."""
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def training_view_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's training view, on the tracking server or on a local
+    `mlflow ui`. MLflow 3.17's UI picks the view from this URL parameter (or its sidebar toggle,
+    remembered per browser), not from the experiment tag."""
+    server = uri if uri.startswith(("http://", "https://")) else LOCAL_UI
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
