@@ -124,35 +124,39 @@ def _figure_html(fig: Any, first: bool) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False, "responsive": True})
 
 
+def _optuna_figures(record: SweepRecord, metric: str) -> tuple[list[tuple[str, Any]], list[Section]]:
+    """Parallel coordinates and importances from the study; a note where one cannot be drawn."""
+    optuna_study = study(record)
+    if optuna_study is None:
+        return [], [Section("Parameters", _note(
+            "The sweep's Optuna study (OUTPUT_DIR/NAME/optuna.db) is not on this machine: run the report where "
+            "the sweep ran for the parallel coordinates and the parameter importances."))]
+    insight = ablation.search_insight(optuna_study)
+    figs = []
+    if insight["n_complete"]:
+        figs.append(("Parameters against score", figures.parallel_figure(optuna_study, metric)))
+    if not insight["importances"]:
+        return figs, [Section("Parameter importances", _note(f"Not computed: {insight['note']}."))]
+    figs.append(("Parameter importances", figures.importance_figure(insight["importances"], insight["evaluator"],
+                                                                     metric)))
+    return figs, []
+
+
 def sections(record: SweepRecord) -> list[Section]:
     board = leaderboard(record)
     metric = board.metric
-    found = []
     figs: list[tuple[str, Any]] = []
-    keys = list(KEY_PARAMS)
     if board.rows:
         figs.append(("Pareto: score against peak memory and train time",
-                     figures.pareto_figure(board.rows, metric, baselines(record, metric), keys)))
-    optuna_study = study(record)
-    if optuna_study is not None:
-        insight = ablation.search_insight(optuna_study)
-        if insight["n_complete"]:
-            figs.append(("Parameters against score", figures.parallel_figure(optuna_study, metric)))
-        if insight["importances"]:
-            figs.append(("Parameter importances",
-                         figures.importance_figure(insight["importances"], insight["evaluator"], metric)))
-        else:
-            found.append(Section("Parameter importances", _note(f"Not computed: {insight['note']}.")))
-    else:
-        found.append(Section("Parameters", _note(
-            "The sweep's Optuna study (OUTPUT_DIR/NAME/optuna.db) is not on this machine: run the report where "
-            "the sweep ran for the parallel coordinates and the parameter importances.")))
+                     figures.pareto_figure(board.rows, metric, baselines(record, metric), list(KEY_PARAMS))))
+    optuna_figs, notes = _optuna_figures(record, metric)
+    figs += optuna_figs
     trial_curves = curves(record)
     if any(c.steps for c in trial_curves):
         figs.append(("Validation loss", figures.curves_figure(trial_curves, asha_rungs(record.parent.data.params))))
     body = markdown_html(to_markdown(board)) if board.rows else _note("No trial finished with a score.")
-    rendered = [Section(title, _figure_html(fig, first=i == 0)) for i, (title, fig) in enumerate(figs)]
-    found = [Section("Leaderboard", body), *rendered, *found]
+    found = [Section("Leaderboard", body),
+             *(Section(title, _figure_html(fig, first=i == 0)) for i, (title, fig) in enumerate(figs)), *notes]
     if (tables := ablation_markdown(record)) is not None:
         found.append(Section("Ablation", markdown_html(tables)))
     return found
