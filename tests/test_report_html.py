@@ -138,6 +138,22 @@ def test_asha_rungs_are_rays_milestones():
     assert html.asha_rungs({"search.asha.enabled": "False"}) == []
 
 
+def test_a_multi_objective_study_gets_parallel_coordinates_and_a_note(store, tmp_path):
+    study = optuna.create_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                directions=["maximize", "minimize"])
+    for x in (0.1, 0.5, 0.9):
+        study.enqueue_trial({"x": x})
+        study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1 - t.params["x"]), n_trials=1)
+    record = html.load_record(store["uri"], store["parent"], tmp_path)
+    figs, notes = html.optuna_figures(record, METRIC)
+    assert [title for title, _ in figs] == ["Parameters against score"]
+    # Optuna draws one line per trial, its first point on the target axis: the first objective.
+    lines = [trace for trace in figs[0][1].data if trace.customdata is not None]
+    assert sorted(float(line.customdata[0][1]) for line in lines) == [0.1, 0.5, 0.9]
+    assert {line.customdata[0][0] for line in lines} == {METRIC}
+    assert "several objectives" in notes[0].body
+
+
 def test_publish_writes_logs_and_describes_the_parent(store):
     path = html.publish(store["uri"], store["parent"], store["folder"])
     assert path == store["folder"] / html.REPORT_FILE and path.stat().st_size > 1_000_000

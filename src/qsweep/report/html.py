@@ -124,17 +124,21 @@ def _figure_html(fig: Any, first: bool) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=first, config={"displaylogo": False, "responsive": True})
 
 
-def _optuna_figures(record: SweepRecord, metric: str) -> tuple[list[tuple[str, Any]], list[Section]]:
+def optuna_figures(record: SweepRecord, metric: str) -> tuple[list[tuple[str, Any]], list[Section]]:
     """Parallel coordinates and importances from the study; a note where one cannot be drawn."""
+    from optuna.trial import TrialState
+
     optuna_study = study(record)
     if optuna_study is None:
         return [], [Section("Parameters", _note(
             "The sweep's Optuna study (OUTPUT_DIR/NAME/optuna.db) is not on this machine: run the report where "
             "the sweep ran for the parallel coordinates and the parameter importances."))]
+    if not optuna_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return [], [Section("Parameters", _note("No trial of the Optuna study finished with a score."))]
+    figs = [("Parameters against score", figures.parallel_figure(optuna_study, metric))]
+    if len(optuna_study.directions) > 1:
+        return figs, [Section("Parameter importances", _note("Not computed: the sweep has several objectives."))]
     insight = ablation.search_insight(optuna_study)
-    figs = []
-    if insight["n_complete"]:
-        figs.append(("Parameters against score", figures.parallel_figure(optuna_study, metric)))
     if not insight["importances"]:
         return figs, [Section("Parameter importances", _note(f"Not computed: {insight['note']}."))]
     figs.append(("Parameter importances", figures.importance_figure(insight["importances"], insight["evaluator"],
@@ -149,7 +153,7 @@ def sections(record: SweepRecord) -> list[Section]:
     if board.rows:
         figs.append(("Pareto: score against peak memory and train time",
                      figures.pareto_figure(board.rows, metric, baselines(record, metric), list(KEY_PARAMS))))
-    optuna_figs, notes = _optuna_figures(record, metric)
+    optuna_figs, notes = optuna_figures(record, metric)
     figs += optuna_figs
     trial_curves = curves(record)
     if any(c.steps for c in trial_curves):
