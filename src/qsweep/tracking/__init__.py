@@ -23,8 +23,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 LOCK_RETRIES = 8
-# MLflow's UI reads this experiment tag to show training runs (params and metrics side by side)
-# rather than its GenAI views (traces, judges).
+# MLflow's marker of an experiment that holds training runs (params and metrics side by side), not
+# GenAI traces; MLflow 3.17's UI itself picks its view from a toggle (see training_view_url).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 # The run's description in MLflow's UI (markdown).
