@@ -106,6 +106,14 @@ def test_report_has_every_section_and_inlines_plotly_once(store):
     assert all(run in board for run in finished) and not any(run in board for run in stopped)
 
 
+def test_without_the_study_the_report_says_where_it_lives(store):
+    page = html.render(html.load_record(store["uri"], store["parent"], None))
+    titles = re.findall(r"<h2>(.*?)</h2>", page)
+    assert titles == ["Leaderboard", "Pareto: score against peak memory and train time", "Validation loss",
+                      "Parameters"]
+    assert "optuna.db) is not on this machine" in page
+
+
 def test_report_figures_carry_the_logged_numbers(store):
     record = _record(store)
     board = html.leaderboard(record)
@@ -202,10 +210,16 @@ def test_report_command_errors_exit_2(store, monkeypatch, args, message):
 
 def test_report_command_on_a_sweep_that_never_ran(tmp_path, tiny_sweep_dict, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    sweep = _sweep(tmp_path, tiny_sweep_dict)
-    (tmp_path / "s.yaml").write_text(dump_yaml(sweep.model_dump(mode="json")))
+    (tmp_path / "s.yaml").write_text(dump_yaml(_sweep(tmp_path, tiny_sweep_dict).model_dump(mode="json")))
     result = CliRunner().invoke(app, ["report", "s.yaml"])
     assert result.exit_code == 2 and "run it first" in result.output
+
+
+def test_dashboard_of_a_sweep_that_never_ran(tmp_path, tiny_sweep_dict, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.yaml").write_text(dump_yaml(_sweep(tmp_path, tiny_sweep_dict).model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["dashboard", "s.yaml"])
+    assert result.exit_code == 2 and "optuna.db does not exist" in result.output
 
 
 def test_experiments_are_marked_as_training_runs(tmp_path):
