@@ -86,3 +86,12 @@ def test_report_and_plot_are_on_the_parent_run(ablation_run):
     names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "ablation")}
     assert {"ablation/ablation_report.md", "ablation/ablation_report.json", "ablation/ablation_cells.png"} <= names
     assert "| fp4 |" in ablation_run["result"].output or "fp4" in ablation_run["result"].output
+
+
+def test_the_html_report_carries_the_ablation_tables(ablation_run):
+    folder = ablation_run["workdir"] / "runs" / "abl"
+    cells = json.loads((folder / "report" / "ablation_report.json").read_text())["cells"]
+    section = (folder / "report.html").read_text().split("<h2>Ablation</h2>")[1]
+    for cell in cells:
+        assert f"quantization.quant_type={cell['cell']['quantization.quant_type']}" in section
+        assert f"{cell['mean']:.4f}" in section

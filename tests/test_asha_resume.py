@@ -21,7 +21,7 @@ import yaml
 
 from qsweep import tracking
 from qsweep.config.schema import load_sweep
-from qsweep.orchestrate.state import fingerprint, read_state, write_state
+from qsweep.tracking.state import fingerprint, read_state, write_state
 
 pytestmark = pytest.mark.slow
 

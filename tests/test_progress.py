@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 from qsweep import tracking
 from qsweep.cli import app
 from qsweep.config.schema import SweepConfig
-from qsweep.orchestrate.state import SweepState, write_state
 from qsweep.orchestrate.status import (
     Driver,
     driver_alive,
@@ -41,6 +40,7 @@ from qsweep.report.progress import (
     event_line,
     progress_table,
 )
+from qsweep.tracking.state import SweepState, write_state
 
 
 def text_of(renderable) -> str:

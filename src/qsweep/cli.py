@@ -1,4 +1,9 @@
-"""The `qsweep` command. User errors exit with code 2 and a message, never a traceback."""
+"""The `qsweep` command. User errors exit with code 2 and a message, never a traceback.
+
+Longer than 400 lines because it holds one thin typer command per verb (run, resume, status, validate,
+leaderboard, report, dashboard, show, reproduce, promote, export, ablate, estimate, calibrate), each a
+few lines of argument handling around a call into its stage.
+"""
 
 from __future__ import annotations
 
@@ -68,8 +73,8 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
 def run_with_live_view(sweep: SweepConfig, sweep_file: Path, space: object, address: str | None, verbose: bool):
     """run_sweep with the live view on the terminal and the libraries' own output in the sweep's log."""
     from qsweep.orchestrate.live import sweep_output
-    from qsweep.orchestrate.state import SWEEP_LOG, check_folder, output_folder
     from qsweep.orchestrate.sweep import run_sweep
+    from qsweep.tracking.state import SWEEP_LOG, check_folder, output_folder
 
     # Before the log file is opened in it: a folder another sweep owns is refused untouched.
     check_folder(sweep, str(sweep_file))
@@ -82,8 +87,10 @@ def run_with_live_view(sweep: SweepConfig, sweep_file: Path, space: object, addr
 
 
 def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool, verbose: bool) -> None:
-    from qsweep.orchestrate.state import output_folder, read_state
+    from qsweep.report.html import REPORT_FILE
     from qsweep.report.leaderboard import build_leaderboard, to_table
+    from qsweep.tracking import training_view_url
+    from qsweep.tracking.state import output_folder, read_state
 
     sweep, space = load_and_validate(sweep_file)
     if must_resume and read_state(output_folder(sweep)) is None:
@@ -108,7 +115,10 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool, verb
         console.print(f"final stage (top {sweep.evaluation.final.top_k} re-scored) {verdict} with the cheap stage "
                       f"on the winner: run {summary.final['final_winner']}")
         console.print(to_table(build_leaderboard(sweep.tracking.uri, sweep.tracking.experiment, top=10)))
-    console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}")
+    console.print(f"open it: mlflow ui --backend-store-uri {sweep.tracking.uri}, then (training view) "
+                  f"{training_view_url(sweep.tracking.uri, summary.experiment_id)}")
+    if (report_file := output_folder(sweep) / REPORT_FILE).exists():
+        console.print(f"report: {report_file}")
     if not summary.finished:
         raise typer.Exit(code=1)
 
@@ -287,9 +297,10 @@ def ablate(
 ) -> None:
     """Run every factor value x seed through the orchestrator, then report mean ± 95% CI and paired tests."""
     from qsweep.orchestrate.ablation_grid import as_sweep, load_ablation, report
-    from qsweep.orchestrate.state import output_folder
     from qsweep.preflight.validate import validate_sweep
     from qsweep.report.ablation_report import to_markdown
+    from qsweep.report.html import publish_at_end
+    from qsweep.tracking.state import output_folder
 
     try:
         ablation = load_ablation(ablation_file)
@@ -305,6 +316,7 @@ def ablate(
         raise typer.Exit(code=1)
     result = report(sweep, ablation.ablation, summary.experiment_id, summary.parent_run_id,
                     output_folder(sweep) / "report")
+    publish_at_end(sweep.tracking.uri, summary.parent_run_id, output_folder(sweep))
     console.print(to_markdown(result), markup=False, highlight=False)
     console.print(f"report and plot: {output_folder(sweep) / 'report'} (also on MLflow run {summary.parent_run_id})")
 
@@ -392,3 +404,47 @@ def calibrate(
         factor = fit_calibration(pairs)
         path = save_calibration(device, factor, len(pairs))
         console.print(f"{device}: {len(pairs)} trials, measured/estimated up to {factor:.3f} -> saved to {path}")
+
+
+@app.command()
+def report(
+    target: Optional[str] = typer.Argument(
+        None, help="sweep YAML, or an MLflow run id (the sweep's or one of its trials'); default: the latest sweep"),
+    experiment: Optional[str] = typer.Option(None, help="the latest sweep of this MLflow experiment"),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file to write (default: OUTPUT_DIR/NAME/report.html)"),
+    tracking_uri: str = TRACKING_OPTION,
+) -> None:
+    """Write the sweep's report, one HTML file: leaderboard, Pareto plot, params, importances, loss curves."""
+    from qsweep.report.html import REPORT_FILE, load_record, write_report
+    from qsweep.report.locate import LocateError, locate
+
+    try:
+        where = locate(target, experiment, tracking_uri)
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    except LocateError as exc:
+        fail([str(exc)])
+    record = load_record(where.uri, where.parent_run_id, where.folder)
+    path = out or (where.folder / REPORT_FILE if where.folder else Path(f"{record.name}-{REPORT_FILE}"))
+    console.print(f"report: {write_report(record, path)}")
+
+
+@app.command()
+def dashboard(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML whose Optuna study to open"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8080, help="port to listen on"),
+) -> None:
+    """Open the sweep's Optuna study in optuna-dashboard (the same as `optuna-dashboard sqlite:///runs/NAME/optuna.db`)."""
+    from optuna_dashboard import run_server
+
+    from qsweep.tracking.state import output_folder
+
+    try:
+        study_file = output_folder(load_sweep(sweep_file)) / "optuna.db"
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    if not study_file.exists():
+        fail([f"{study_file} does not exist; run the sweep first with `qsweep run {sweep_file}`"], str(sweep_file))
+    console.print(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
+    run_server(f"sqlite:///{study_file}", host=host, port=port)

@@ -16,7 +16,6 @@ from typing import Any
 
 from qsweep import tracking
 from qsweep.config.schema import SweepFileError, load_sweep
-from qsweep.orchestrate.state import STATE_FILE, output_folder, read_state
 from qsweep.report.progress import (
     FAILED,
     FINISHED,
@@ -31,6 +30,7 @@ from qsweep.report.progress import (
     SweepProgress,
     TrialRow,
 )
+from qsweep.tracking.state import STATE_FILE, output_folder, read_state
 
 DRIVER_FILE = "driver.json"
 SEARCH_PREFIX = "search."

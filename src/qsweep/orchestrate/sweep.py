@@ -20,13 +20,13 @@ from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
 from qsweep.orchestrate import stages
 from qsweep.orchestrate.live import LiveView
-from qsweep.orchestrate.state import SweepState, check_folder, fingerprint, output_folder, write_state
 from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import Tried, build_searcher, prepare_study
 from qsweep.search.space import SearchSpace, apply_params
 from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
+from qsweep.tracking.state import SweepState, check_folder, fingerprint, output_folder, write_state
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +244,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     """Baselines beside the trials, the trials, then deltas, the final stage and search insight."""
     import ray
 
+    from qsweep.report import html as sweep_report
     from qsweep.train.models import resolve_model
 
     machine = this_machine()
@@ -259,7 +260,9 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     stages.log_deltas(sweep.tracking.uri, runs, baselines)
     final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
     log_search_insight(sweep, state, folder)
-    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final, earlier)
+    summary = finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final, earlier)
+    sweep_report.publish_at_end(sweep.tracking.uri, state.parent_run_id, folder)
+    return summary
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:

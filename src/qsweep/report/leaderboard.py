@@ -50,7 +50,7 @@ def latest_experiment(mlflow_client: Any) -> str:
     return mlflow_client.get_experiment(sweeps[0].info.experiment_id).name
 
 
-def _latest_sweep_run(mlflow_client: Any, experiment_id: str) -> Any:
+def latest_sweep_run(mlflow_client: Any, experiment_id: str) -> Any:
     runs = mlflow_client.search_runs([experiment_id], filter_string="tags.`qsweep.kind` = 'sweep'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
@@ -103,7 +103,7 @@ def build_leaderboard(uri: str, experiment: str | None = None, metric: str | Non
     if found is None:
         names = ", ".join(e.name for e in mlflow_client.search_experiments())
         raise LeaderboardError(f"--experiment {experiment!r} does not exist; known: {names or 'none'}")
-    sweep_run = _latest_sweep_run(mlflow_client, found.experiment_id)
+    sweep_run = latest_sweep_run(mlflow_client, found.experiment_id)
     tags = sweep_run.data.tags if sweep_run else {}
     metric = metric or tags.get("qsweep.metric")
     if not metric:

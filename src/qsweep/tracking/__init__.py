@@ -2,7 +2,8 @@
 
 Only the driver process writes to MLflow. Trials send results back through Ray, so many trials
 never race on one sqlite file ("database is locked") and a tracking server sees one client.
-Imports config and search only (ray_callback is the Ray Tune side); never trains or scores.
+Imports config and search only (ray_callback is the Ray Tune side; state ties an output folder to its
+parent run); never trains or scores.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 LOCK_RETRIES = 8
+# MLflow's marker of an experiment that holds training runs (params and metrics side by side), not
+# GenAI traces; MLflow 3.17's UI itself picks its view from a toggle (see training_view_url).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# The run's description in MLflow's UI (markdown).
+DESCRIPTION_TAG = "mlflow.note.content"
 
 
 class RetryingClient:
@@ -61,12 +68,28 @@ def client(uri: str) -> Any:
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """Creates the schema and the experiment once, here in the driver, before any trial starts."""
+    """Creates the schema and the experiment once, here in the driver, before any trial starts.
+
+    The experiment is marked as training runs; a kind someone set on an existing one is kept.
+    """
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return mlflow_client.create_experiment(name)
+    if experiment is None:
+        return mlflow_client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def training_view_url(uri: str, experiment_id: str) -> str:
+    """The experiment's runs in MLflow's training view, on the tracking server or on a local
+    `mlflow ui`. MLflow 3.17's UI picks the view from this URL parameter (or its sidebar toggle,
+    remembered per browser), not from the experiment tag."""
+    server = uri if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def is_secret(name: str) -> bool:

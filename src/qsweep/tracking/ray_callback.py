@@ -19,6 +19,7 @@ from qsweep import tracking
 from qsweep.config.schema import SweepConfig
 from qsweep.search.objective import FAILED, OBJECTIVE
 from qsweep.search.space import apply_params
+from qsweep.tracking import naming
 
 logger = logging.getLogger(__name__)
 
@@ -148,10 +149,12 @@ class MlflowMirror(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         sweep = self.sweep
         resolved = apply_params(sweep.trial(), trial.config).model_dump(mode="json")
+        name = naming.trial_run_name(sweep.name, naming.trial_number(trial.experiment_tag or ""), resolved)
         run_id = tracking.start_run(
-            self.client, self.experiment_id, f"{sweep.name}-{trial.trial_id}",
+            self.client, self.experiment_id, name,
             {"mlflow.parentRunId": self.parent_run_id, "qsweep.kind": "trial", "qsweep.sweep": sweep.name,
-             "qsweep.trial_id": trial.trial_id, "qsweep.metric": sweep.search.metric},
+             "qsweep.trial_id": trial.trial_id, "qsweep.metric": sweep.search.metric,
+             tracking.DESCRIPTION_TAG: f"{naming.trial_summary(resolved)} (Ray trial {trial.trial_id})"},
         )
         self.runs[trial.trial_id] = run_id
         tracking.log_batch(self.client, run_id, params={

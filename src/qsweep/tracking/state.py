@@ -1,5 +1,7 @@
 """The sweep's output folder: which sweep it belongs to, and where its MLflow runs are.
 
+In tracking because every reader of a sweep (run, resume, status, report) finds its parent MLflow run here.
+
 Ray Tune keeps the trials' state and Optuna keeps the study; this file only ties the folder to
 one sweep definition and its parent MLflow run, so a resume continues the same parent run and a
 different sweep can never write over the folder.
