@@ -83,3 +83,25 @@ def test_log_search_insight_logs_three_artifacts(tmp_path: Path):
     logged = {f.path for f in client.list_artifacts(parent, "search_insight")}
     assert logged == {f"search_insight/{name}" for name in
                       (insight_module.INSIGHT_JSON, insight_module.IMPORTANCE_PNG, insight_module.HISTORY_PNG)}
+
+
+def test_search_insight_of_a_multi_objective_study_ranks_by_the_first_objective(tmp_path: Path):
+    """search.tradeoffs makes a multi-objective study: insight follows the ranked (first) objective."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def objective(trial):
+        x = trial.suggest_float("training.learning_rate", 1e-5, 1e-3, log=True)
+        r = trial.suggest_categorical("lora.r", [8, 16, 32])
+        return -(math.log10(x) + 4) ** 2, float(r)
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(objective, n_trials=8)
+    found = insight_module.search_insight(study)
+    scores = [t.values[0] for t in sorted(study.trials, key=lambda t: t.number)]
+    assert found["direction"] == "maximize"
+    assert [t["value"] for t in found["trials"]] == scores
+    assert [t["best_so_far"] for t in found["trials"]] == [max(scores[: i + 1]) for i in range(len(scores))]
+    assert set(found["importances"]) == {"training.learning_rate", "lora.r"}
+    assert is_png(insight_module.plot_history(study, tmp_path / "history.png", "zorble/acc"))

@@ -36,15 +36,20 @@ def _json_safe(value: Any) -> Any:
     return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)
 
 
+def _ranked_value(trial: Any) -> float:
+    """The value the sweep ranks by: with search.tradeoffs (several objectives) it is the first."""
+    return trial.values[0]
+
+
 def _history(study: Any) -> tuple[str, list[dict[str, Any]]]:
     """(direction, one entry per trial in order) with the best complete value so far."""
     import optuna
     from optuna.trial import TrialState
 
-    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    maximize = study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
     trials, best = [], None
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
-        value = t.value if t.state == TrialState.COMPLETE else None
+        value = _ranked_value(t) if t.state == TrialState.COMPLETE else None
         if value is not None:
             best = value if best is None else (max(best, value) if maximize else min(best, value))
         trials.append({"number": t.number, "state": t.state.name, "value": value,
@@ -54,7 +59,7 @@ def _history(study: Any) -> tuple[str, list[dict[str, Any]]]:
 
 
 def search_insight(study: Any) -> dict[str, Any]:
-    """Parameter importances and per-trial history of a single-objective study, JSON-ready."""
+    """Parameter importances and per-trial history of the ranked objective, JSON-ready."""
     import optuna
 
     direction, trials = _history(study)
@@ -67,7 +72,9 @@ def search_insight(study: Any) -> dict[str, Any]:
         name = None
     else:
         try:
-            raw = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            # Optuna asks for a target on a multi-objective study: the ranked objective.
+            target = _ranked_value if len(study.directions) > 1 else None
+            raw = optuna.importance.get_param_importances(study, evaluator=evaluator, target=target)
             importances = {k: float(v) for k, v in raw.items()}
         # Insight is a by-product of a finished sweep: failing here must not fail the sweep.
         except Exception as exc:  # noqa: BLE001
