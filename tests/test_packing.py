@@ -38,7 +38,7 @@ def test_the_request_is_the_estimate_with_margin_plus_context(tiny_sweep_dict, t
     estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda")
     share = resources_for(sweep, tiny_llama, H100)({})["gpu"]
     expected = (estimate.tensors * SAFETY_MARGIN + estimate.runtime_overhead) / H100.memory_mb
-    assert share == pytest.approx(expected, abs=1e-4)
+    assert share == pytest.approx(expected, abs=2e-4)
     assert budget_mb(estimate) == pytest.approx(estimate.tensors * SAFETY_MARGIN)
 
 
