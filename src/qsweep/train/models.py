@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
@@ -90,17 +90,11 @@ def _build_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int = 512) -> None:
-    """A randomly initialised model of a real architecture with its own trained tokenizer.
-
-    Used by tests and quick checks: it exercises every stage (4-bit, LoRA, Trainer, lm-eval)
-    in seconds, with no download.
-    """
-    import torch
+def _tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained in-process on zorble-like text: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
     corpus = [f"Q: What is the zorble of {x}?\nA: {3 * x + 2}" for x in range(200)]
     corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 " * 4]
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -113,9 +107,21 @@ def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int 
             vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=special[0], bos_token=special[0], pad_token=special[0]
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], bos_token=special[0],
+                                   pad_token=special[0])
+
+
+def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int = 512) -> None:
+    """A randomly initialised model of a real architecture with its own trained tokenizer.
+
+    Used by tests and quick checks: it exercises every stage (4-bit, LoRA, Trainer, lm-eval)
+    in seconds, with no download.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer(vocab_size)
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
     if architecture == "llama":
         config = LlamaConfig(
@@ -131,10 +137,42 @@ def build_tiny_model(folder: Path, architecture: str = "llama", vocab_size: int 
     tokenizer.save_pretrained(folder)
 
 
+# Real model shapes with random weights, for memory and speed benchmarks where no hub is reachable:
+# the published configs of Llama-3.2-1B and Llama-3.1-8B. Memory and step time depend on the shape,
+# not on the weights' values; the 512-token tokenizer only uses the first rows of the vocabulary.
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "random-llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "random-llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def random_llama_config(name: str) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**RANDOM_LLAMA_SHAPES[name], rope_theta=500000.0, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+def build_random_llama(folder: Path, name: str) -> None:
+    """A real-size Llama with random bf16 weights (1B: 2.5 GB on disk, 8B: 16 GB), initialised on the
+    GPU when there is one (seconds) and on the CPU otherwise (minutes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(random_llama_config(name), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    _tokenizer(512).save_pretrained(folder)
+
+
 EMBEDDED: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "tiny-llama": lambda folder: build_tiny_model(folder, "llama"),
     "tiny-gpt2": lambda folder: build_tiny_model(folder, "gpt2"),
+    **{name: (lambda folder, name=name: build_random_llama(folder, name)) for name in RANDOM_LLAMA_SHAPES},
 }
 
 
