@@ -114,7 +114,9 @@ def run_one(path: Path, gpu: bool) -> dict:
     idle_used, total = sampler.used_and_total()
     sampler.start()
     started = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).with_name("qsweep")), "run", str(path)], cwd=path.parent,
+    # Through this interpreter, not the console script: on a GPU machine qsweep may only be on PYTHONPATH.
+    qsweep = [sys.executable, "-c", "from qsweep.cli import app; app()"]
+    proc = subprocess.run([*qsweep, "run", str(path)], cwd=path.parent,
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     sampler.stop.set()
