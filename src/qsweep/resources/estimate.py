@@ -61,6 +61,7 @@ CUDA_CONTEXT_MIB = 550.0
 # trial; add them when sizing a CPU worker's memory.
 CPU_RUNTIME_MIB = 32.0
 
+
 class MemoryEstimate(BaseModel):
     """Peak memory of one trial in MiB, by component; `total` is what the device must hold."""
 

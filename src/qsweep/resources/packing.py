@@ -70,7 +70,13 @@ def cluster_machine() -> Machine:
     own device: a CPU-only head with GPU workers still runs its trials on the GPUs."""
     import ray
 
-    return machine_from_nodes([n for n in ray.nodes() if n.get("Alive")], probe_card_mb)
+    here = ray.get_runtime_context().get_node_id()
+
+    def probe(node_id: str) -> float | None:
+        # The driver's own node needs no task: its card is the one this process sees.
+        return _visible_card_mb() if node_id == here and _visible_card_mb() else probe_card_mb(node_id)
+
+    return machine_from_nodes([n for n in ray.nodes() if n.get("Alive")], probe)
 
 
 def machine_from_nodes(nodes: list[dict[str, Any]], probe: Callable[[str], float | None]) -> Machine:
