@@ -80,15 +80,16 @@ def worker(spec: dict) -> dict:
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None}
 
 
-def run_group(count: int, rows: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
+def run_group(count: int, rows: int, args: argparse.Namespace, folder: Path) -> list[dict]:
     """`count` worker processes, each on `rows` rows, released together once all are loaded."""
     threads = max(1, (os.cpu_count() or 1) // count)
-    go = tmp / f"go-{count}-{rows}"
+    folder.mkdir()
+    go = folder / "go"
     procs = []
     for index in range(count):
         spec = {"model": args.model, "rows": rows, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "threads": threads, "ready": str(tmp / f"ready-{count}-{rows}-{index}"), "go": str(go)}
-        spec_file = tmp / f"spec-{count}-{rows}-{index}.json"
+                "threads": threads, "ready": str(folder / f"ready-{index}"), "go": str(go)}
+        spec_file = folder / f"spec-{index}.json"
         spec_file.write_text(json.dumps(spec))
         procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(spec_file)],
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True), spec))
@@ -145,8 +146,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qsweep-headroom-") as tmp:
         for k in args.ks:
-            shared = run_group(1, k * args.batch_size, args, Path(tmp))[0]
-            apart = run_group(k, args.batch_size, args, Path(tmp))
+            shared = run_group(1, k * args.batch_size, args, Path(tmp) / f"shared-{k}")[0]
+            apart = run_group(k, args.batch_size, args, Path(tmp) / f"processes-{k}")
             # The K processes step side by side: one round of all K takes as long as the slowest.
             apart_step = max(r["step_seconds"] for r in apart)
             rows.append({"k": k, "shared_step_seconds": shared["step_seconds"], "processes_step_seconds": apart_step,
