@@ -156,6 +156,8 @@ def main() -> None:
                          "processes_peak_gpu_mb": [r["peak_gpu_mb"] for r in apart]})
     report = {"machine": machine(), "model": args.model, "batch_size": args.batch_size, "seq": args.seq,
               "steps": args.steps, "rows": rows,
+              # Other work on the machine skews step times; a load well above the core count makes them noise.
+              "load_average_1m_at_end": os.getloadavg()[0],
               "reading": "ratio = shared step / K-process step, same K x B rows; below 1, a shared base is faster"}
     text = json.dumps(report, indent=2)
     if args.out:
