@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per K; medians reported")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -146,13 +148,19 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="qsweep-headroom-") as tmp:
         for k in args.ks:
-            shared = run_group(1, k * args.batch_size, args, Path(tmp) / f"shared-{k}")[0]
-            apart = run_group(k, args.batch_size, args, Path(tmp) / f"processes-{k}")
-            # The K processes step side by side: one round of all K takes as long as the slowest.
-            apart_step = max(r["step_seconds"] for r in apart)
-            rows.append({"k": k, "shared_step_seconds": shared["step_seconds"], "processes_step_seconds": apart_step,
-                         "ratio": shared["step_seconds"] / apart_step, "compute_dtype": shared["compute_dtype"],
-                         "shared_peak_gpu_mb": shared["peak_gpu_mb"],
+            # Shared and apart alternate, and each figure is the median of the repeats, so a burst
+            # of other work on the machine skews one sample, not the comparison.
+            shared_steps, apart_steps = [], []
+            for repeat in range(args.repeats):
+                shared = run_group(1, k * args.batch_size, args, Path(tmp) / f"shared-{k}-{repeat}")[0]
+                apart = run_group(k, args.batch_size, args, Path(tmp) / f"processes-{k}-{repeat}")
+                shared_steps.append(shared["step_seconds"])
+                # The K processes step side by side: one round of all K takes as long as the slowest.
+                apart_steps.append(max(r["step_seconds"] for r in apart))
+            shared_step, apart_step = statistics.median(shared_steps), statistics.median(apart_steps)
+            rows.append({"k": k, "shared_step_seconds": shared_step, "processes_step_seconds": apart_step,
+                         "ratio": shared_step / apart_step, "repeats": args.repeats,
+                         "compute_dtype": shared["compute_dtype"], "shared_peak_gpu_mb": shared["peak_gpu_mb"],
                          "processes_peak_gpu_mb": [r["peak_gpu_mb"] for r in apart]})
     report = {"machine": machine(), "model": args.model, "batch_size": args.batch_size, "seq": args.seq,
               "steps": args.steps, "rows": rows,
