@@ -38,7 +38,7 @@ def test_the_request_is_the_estimate_with_margin_plus_context(tiny_sweep_dict, t
     estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda")
     share = resources_for(sweep, tiny_llama, H100)({})["gpu"]
     expected = (estimate.tensors * SAFETY_MARGIN + estimate.runtime_overhead) / H100.memory_mb
-    assert share == pytest.approx(expected, abs=1e-4)
+    assert share == pytest.approx(expected, abs=2e-4)
     assert budget_mb(estimate) == pytest.approx(estimate.tensors * SAFETY_MARGIN)
 
 
@@ -72,7 +72,7 @@ def test_a_sweep_whose_smallest_trial_cannot_fit_is_refused_with_the_numbers(tin
 def test_calibrate_fits_the_worst_measured_ratio_and_later_estimates_use_it(tmp_path, monkeypatch):
     monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path))
     assert calibration("cpu") == 1.0
-    factor = fit_calibration([(100.0, 90.0), (200.0, 230.0), (50.0, 52.0)])
+    factor = fit_calibration([(100.0, 90.0), (200.0, 230.0), (50.0, 52.0)]).factor
     assert factor == pytest.approx(1.15)
     save_calibration("cpu", factor, 3)
     assert calibration("cpu") == pytest.approx(1.15)

@@ -401,9 +401,9 @@ def calibrate(
     if not by_device:
         fail(["no finished trial with both memory_estimate_mb and peak_memory_mb; run a sweep first"])
     for device, pairs in by_device.items():
-        factor = fit_calibration(pairs)
-        path = save_calibration(device, factor, len(pairs))
-        console.print(f"{device}: {len(pairs)} trials, measured/estimated up to {factor:.3f} -> saved to {path}")
+        fitted = fit_calibration(pairs)
+        path = save_calibration(device, fitted.factor, len(pairs))
+        console.print(f"{device}: {len(pairs)} trials, {fitted.reason}: factor {fitted.factor:.3f} saved to {path}")
 
 
 @app.command()

@@ -76,7 +76,7 @@ class TrainingConfig(Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     seed: int = 0
     gradient_checkpointing: bool = False
-    optimizer: Literal["auto", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "auto"
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "auto"
     eval_every: int = Field(10, ge=1, description="steps between validation-loss reports (ASHA's rungs)")
 
 

@@ -9,17 +9,30 @@ on a small subset can be noise.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qsweep import tracking
 from qsweep.config.schema import SweepConfig, TrialConfig
+from qsweep.resources.caps import cap_process, release_cap
 from qsweep.search.objective import objective_value
 from qsweep.search.space import SearchSpace
 
 logger = logging.getLogger(__name__)
 
 STDERR_SUFFIX = "_stderr"
+
+
+@contextmanager
+def capped(memory_mb: float | None) -> Iterator[None]:
+    """Caps a scoring task like the trial it scores (its Ray share, or limits.memory_mb), and lifts a
+    CPU cap afterwards: Ray reuses a CPU task's worker process for the next task."""
+    cap_process(memory_mb)
+    try:
+        yield
+    finally:
+        release_cap()
 
 
 def ray_options(resources: dict[str, float]) -> dict[str, Any]:
@@ -47,9 +60,10 @@ def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> d
 
     torch.set_num_threads(max(1, threads))
     trial = TrialConfig(**trial_dict)
-    model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
-    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
-    return score(model, tokenizer, trial.evaluation, Path(base_dir)).scores
+    with capped(trial.limits.memory_mb):
+        model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
+        model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+        return score(model, tokenizer, trial.evaluation, Path(base_dir)).scores
 
 
 def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str, dict[str, float]]:
@@ -116,8 +130,9 @@ def score_final(trial_dir: str, stage: dict[str, Any], threads: int) -> dict[str
     folder = Path(trial_dir)
     trial, provenance = read_trial_config(folder / CONFIG_FILE)
     base_dir = Path(provenance["base_dir"])
-    model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
-    result = score(model, tokenizer, trial.evaluation, base_dir, stage=FinalStageConfig(**stage))
+    with capped(trial.limits.memory_mb):
+        model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
+        result = score(model, tokenizer, trial.evaluation, base_dir, stage=FinalStageConfig(**stage))
     return {"scores": result.scores, "items": result.items}
 
 

@@ -19,8 +19,9 @@ from typing import Any
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
 from qsweep.orchestrate import stages
+from qsweep.orchestrate.cluster import cluster_machine
 from qsweep.orchestrate.live import LiveView
-from qsweep.resources.packing import Machine, resources_for, this_machine
+from qsweep.resources.packing import Machine, resources_for
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import Tried, build_searcher, prepare_study
@@ -66,11 +67,11 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     import torch
     from ray import tune
 
-    from qsweep.train.trial import release_memory_cap, run_trial
+    from qsweep.resources.caps import release_cap
+    from qsweep.train.trial import run_trial
 
     torch.set_num_threads(max(1, threads))
     trial = apply_params(TrialConfig(**base), params)
-    cap_to_ray_share(trial)
     out_dir = Path(trials_root) / tune.get_context().get_trial_id()
     _log_to_file(out_dir / TRIAL_LOG)
     logger.info("config: %s", params)
@@ -81,7 +82,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     except Exception:
         # The trial's own failure (an exception, OOM, divergence, its time budget) is its result.
         # Only a lost worker or node reaches Ray as an error, and Ray retries those elsewhere.
-        release_memory_cap()
+        release_cap()
         logger.exception("trial failed")
         tune.report({FAILED: traceback.format_exc(), "node_id": _node()["node_id"]})
         return
@@ -104,17 +105,6 @@ def _node() -> dict[str, str]:
     import ray
 
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
-
-
-def cap_to_ray_share(trial: TrialConfig) -> None:
-    """Caps this trial's process at the GPU share Ray gave it, so an overrun is its own OOM and
-    never a neighbour's. An explicit limits.memory_mb is applied by the trial itself instead."""
-    import ray
-    import torch
-
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU")
-    if torch.cuda.is_available() and share and trial.limits.memory_mb is None:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, share))
 
 
 def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -> str:
@@ -247,7 +237,8 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     from qsweep.report import html as sweep_report
     from qsweep.train.models import resolve_model
 
-    machine = this_machine()
+    machine = cluster_machine()
+    logger.info("trials are sized for %s with %.0f MiB", machine.device, machine.memory_mb)
     resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
                               machine)({})
     types = stages.quant_types(sweep, space)

@@ -18,7 +18,7 @@ gradients, although at the loss moment they do not exist yet (a small, deliberat
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
 bench/results/estimator_cpu.json: within 5% of the allocator peak). The bf16-autocast dtypes were
 checked by running the forward pass under CPU autocast and summing what autograd saves per layer;
-the CUDA-only terms (context, one-byte dropout masks, paged optimizer state) are not measured.
+the CUDA-only terms (context, one-byte dropout masks) are not measured.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from qsweep.config.schema import TrialConfig
+from qsweep.train.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
@@ -60,8 +60,6 @@ CUDA_CONTEXT_MIB = 550.0
 # interpreter and its libraries, ~550 MiB of RSS before any model is loaded and the same for every
 # trial; add them when sizing a CPU worker's memory.
 CPU_RUNTIME_MIB = 32.0
-
-Device = Literal["cuda", "cpu"]
 
 
 class MemoryEstimate(BaseModel):
@@ -246,13 +244,6 @@ def quantized_bytes(numel: int, double_quant: bool) -> int:
     return packed + blocks + math.ceil(blocks / BLOCK_NESTED) * 4 + NESTED_CODE_BYTES + QUANT_MAP_BYTES
 
 
-def _resolved_optimizer(name: str, device: Device) -> str:
-    # Mirrors trial.resolve_optimizer without asking torch which device this process has.
-    if name != "auto":
-        return name
-    return "paged_adamw_32bit" if device == "cuda" else "adamw_torch"
-
-
 def optimizer_bytes(lora_shapes: list[int], optimizer: str) -> int:
     """AdamW keeps two moments per parameter: fp32 for the 32-bit optimizers, blockwise uint8 for
     the 8-bit ones (tensors under 4096 elements stay fp32). Paged states are still counted: they
@@ -263,10 +254,7 @@ def optimizer_bytes(lora_shapes: list[int], optimizer: str) -> int:
 
 
 def _dtype_bytes(compute_dtype: str, device: Device) -> int:
-    if compute_dtype == "auto":
-        # trial.resolve_compute_dtype: bf16 (or fp16) on a GPU, fp32 on a CPU.
-        return 2 if device == "cuda" else 4
-    return 4 if compute_dtype == "float32" else 2
+    return 4 if compute_dtype_name(compute_dtype, device) == "float32" else 2
 
 
 def activation_bytes(
@@ -361,7 +349,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     lora_tensors = [n for q in wrapped for n in (lora.r * q.in_features, lora.r * q.out_features)]
     lora_count = sum(lora_tensors)
     lora_bytes = 4 * lora_count
-    optimizer = optimizer_bytes(lora_tensors, _resolved_optimizer(training.optimizer, dev))
+    optimizer = optimizer_bytes(lora_tensors, optimizer_name(training.optimizer, dev))
 
     compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
     activations = activation_bytes(

@@ -9,6 +9,7 @@ sweep whose smallest trial cannot fit, and the calibration learned from measured
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from qsweep.config.paths import cache_dir, cache_root
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
+
+logger = logging.getLogger(__name__)
 
 # Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
 SAFETY_MARGIN = 1.15
@@ -37,13 +40,58 @@ class Machine:
 
 
 def this_machine() -> Machine:
+    """The machine this process runs on: for validation and `qsweep estimate`, before any cluster.
+    A sweep sizes its trials with cluster_machine() instead, once Ray is up."""
     import torch
 
     if torch.cuda.is_available():
         return Machine("cuda", torch.cuda.get_device_properties(0).total_memory / 2**20)
+    return Machine("cpu", _ram_mb())
+
+
+def _ram_mb() -> float:
     import os
 
-    return Machine("cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+
+
+# A GPU node may declare one card's memory in MiB as a custom resource, which trials never request:
+# `ray start --num-gpus 8 --resources '{"qsweep_card_mb": 81559}'`. A node that does not is probed.
+CARD_MB_RESOURCE = "qsweep_card_mb"
+
+
+class UnknownCard(RuntimeError):
+    pass
+
+
+def machine_from_nodes(nodes: list[dict[str, Any]], probe: Callable[[str], float | None]) -> Machine:
+    """GPU trials when any node has a GPU, sized for the smallest card among the GPU nodes: Ray may
+    place a trial on any of them, and a share sized for a larger card would overrun a smaller one.
+    Each node's card is its declared CARD_MB_RESOURCE, else what `probe(node_id)` reads on it."""
+    gpu_nodes = [n for n in nodes if n.get("Resources", {}).get("GPU", 0) > 0]
+    if not gpu_nodes:
+        return Machine("cpu", _ram_mb())
+    cards: dict[str, float] = {}
+    for node in gpu_nodes:
+        card = node["Resources"].get(CARD_MB_RESOURCE) or probe(node["NodeID"])
+        if not card:
+            raise UnknownCard(
+                f"Ray node {node['NodeID']} ({node.get('NodeManagerAddress', '?')}) has GPUs, but no CUDA card could be "
+                f"read there; start it with --resources '{{\"{CARD_MB_RESOURCE}\": MIB}}' naming one card's memory"
+            )
+        cards[node["NodeID"]] = float(card)
+    smallest = min(cards.values())
+    if max(cards.values()) > smallest:
+        logger.warning("GPU nodes have cards of %s MiB: trial shares are sized for the smallest, so larger cards "
+                       "hold fewer trials than they could; run on one card type to pack each card fully",
+                       sorted(set(cards.values())))
+    return Machine("cuda", smallest)
+
+
+def visible_card_mb() -> float | None:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory / 2**20 if torch.cuda.is_available() else None
 
 
 def calibration(device: str) -> float:
@@ -64,8 +112,16 @@ def budget_mb(estimate: MemoryEstimate) -> float:
 def resource_request(estimate: MemoryEstimate, machine: Machine, cpus: float) -> dict[str, float]:
     if machine.device == "cuda":
         share = (budget_mb(estimate) + estimate.runtime_overhead) / machine.memory_mb
-        return {"cpu": cpus, "gpu": min(1.0, math.ceil(share / RAY_PRECISION) * RAY_PRECISION)}
+        return {"cpu": cpus, "gpu": ray_share(share)}
     return {"cpu": cpus, "memory": math.ceil(budget_mb(estimate) * 2**20)}
+
+
+def ray_share(share: float) -> float:
+    """`share` as a Ray request that is never given less. Ray keeps shares in 1e-4 units and may
+    keep one unit less than asked (Ray 2.60 reserves and assigns 0.0225 for 0.0226; 7 of 200 shares
+    tried lost a unit, none lost more), so the request is one unit over the rounded-up share."""
+    units = math.ceil(share / RAY_PRECISION) + 1
+    return min(1.0, units * RAY_PRECISION)
 
 
 def trial_estimate(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
@@ -125,10 +181,23 @@ def check_fits(smallest: MemoryEstimate, machine: Machine) -> None:
         )
 
 
-def fit_calibration(pairs: list[tuple[float, float]]) -> float:
+@dataclass(frozen=True)
+class Calibration:
+    factor: float  # what later estimates are multiplied by
+    worst_ratio: float  # the largest measured/estimated peak seen
+    reason: str
+
+
+def fit_calibration(pairs: list[tuple[float, float]]) -> Calibration:
     """The factor that covers the measured peaks: the largest measured/estimated ratio seen, so a
-    packed trial is never given less than the worst one needed (>= 1 run required)."""
-    return max(measured / estimated for estimated, measured in pairs)
+    packed trial is never given less than the worst one needed (>= 1 run required). Never below 1:
+    peaks under the estimate say the estimate is safe, not that trials may be given less than it
+    (the peaks seen are of the configs tried, not of every config the next sweep may try)."""
+    worst = max(measured / estimated for estimated, measured in pairs)
+    if worst < 1.0:
+        return Calibration(1.0, worst, f"measured peaks are at most {worst:.3f} of their estimates; kept at 1.0, "
+                                       "since a factor below 1 would give trials less than their estimate")
+    return Calibration(worst, worst, f"measured peaks are up to {worst:.3f} of their estimates")
 
 
 def save_calibration(device: str, factor: float, runs: int) -> Path:

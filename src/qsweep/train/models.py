@@ -94,9 +94,10 @@ def _build_smollm2(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _tiny_config_and_tokenizer(architecture: str, vocab_size: int) -> tuple[Any, Any]:
+def _tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained in-process on zorble-like text: no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     corpus = [f"Q: What is the zorble of {x}?\nA: {3 * x + 2}" for x in range(200)]
     corpus += ["The quick brown fox jumps over the lazy dog. 0123456789 " * 4]
@@ -110,9 +111,14 @@ def _tiny_config_and_tokenizer(architecture: str, vocab_size: int) -> tuple[Any,
             vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=special[0], bos_token=special[0], pad_token=special[0]
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=special[0], bos_token=special[0],
+                                   pad_token=special[0])
+
+
+def _tiny_config_and_tokenizer(architecture: str, vocab_size: int) -> tuple[Any, Any]:
+    from transformers import GPT2Config, LlamaConfig
+
+    tokenizer = _tokenizer(vocab_size)
     common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
     if architecture == "llama":
         config = LlamaConfig(
@@ -164,10 +170,48 @@ def _tiny_skeleton(folder: Path, architecture: str) -> bool:
     return True
 
 
+# Real model shapes with random weights, for memory and speed benchmarks where no hub is reachable:
+# the published configs of Llama-3.2-1B and Llama-3.1-8B. Memory and step time depend on the shape,
+# not on the weights' values; the 512-token tokenizer only uses the first rows of the vocabulary.
+RANDOM_LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "random-llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
+    "random-llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def random_llama_config(name: str) -> Any:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**RANDOM_LLAMA_SHAPES[name], rope_theta=500000.0, max_position_embeddings=8192,
+                       rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+def build_random_llama(folder: Path, name: str) -> None:
+    """A real-size Llama with random bf16 weights (1B: 2.5 GB on disk, 8B: 16 GB), initialised on the
+    GPU when there is one (seconds) and on the CPU otherwise (minutes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(random_llama_config(name), dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    _tokenizer(512).save_pretrained(folder)
+
+
+def _random_llama_skeleton(folder: Path, name: str) -> bool:
+    random_llama_config(name).save_pretrained(folder)
+    _tokenizer(512).save_pretrained(folder)
+    return True
+
+
 EMBEDDED: dict[str, Callable[[Path], None]] = {
     "smollm2-135m": _build_smollm2,
     "tiny-llama": lambda folder: build_tiny_model(folder, "llama"),
     "tiny-gpt2": lambda folder: build_tiny_model(folder, "gpt2"),
+    **{name: (lambda folder, name=name: build_random_llama(folder, name)) for name in RANDOM_LLAMA_SHAPES},
 }
 
 
@@ -177,6 +221,7 @@ SKELETONS: dict[str, Callable[[Path], bool]] = {
     "smollm2-135m": _smollm2_skeleton,
     "tiny-llama": lambda folder: _tiny_skeleton(folder, "llama"),
     "tiny-gpt2": lambda folder: _tiny_skeleton(folder, "gpt2"),
+    **{name: (lambda folder, name=name: _random_llama_skeleton(folder, name)) for name in RANDOM_LLAMA_SHAPES},
 }
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,11 @@ import torch
 
 from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
 from qsweep.evaluate.harness import score
+from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.models import resolve_model
+from qsweep.train.policy import compute_dtype_name, optimizer_name
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
 
@@ -43,30 +44,6 @@ def check_budget(started: float, budget: float | None, where: str) -> None:
         raise TrialTimeout(f"ran {elapsed:.1f} s, over limits.time_budget_s = {budget:g} s ({where})")
 
 
-def release_memory_cap() -> None:
-    """Lifts the CPU cap again, so a trial that hit it can still report its own failure."""
-    hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
-    resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
-
-
-def cap_memory(memory_mb: float | None) -> None:
-    """Caps this process so an overrun is this trial's own out-of-memory error, never a neighbour's.
-
-    On CUDA the cap is torch's per-process fraction of the card; on a CPU it is the process's data
-    segment limit (RLIMIT_DATA) above what it already uses, which makes a too-large allocation
-    fail with "can't allocate memory" instead of waking the kernel's OOM killer.
-    """
-    if memory_mb is None:
-        return
-    if torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_mb * 2**20 / total))
-        return
-    in_use = int(Path("/proc/self/statm").read_text().split()[5]) * resource.getpagesize()
-    limit = in_use + int(memory_mb * 2**20)
-    resource.setrlimit(resource.RLIMIT_DATA, (limit, resource.getrlimit(resource.RLIMIT_DATA)[1]))
-
-
 @dataclass
 class TrialOutcome:
     scores: dict[str, float]
@@ -83,18 +60,11 @@ def device_type() -> str:
 
 
 def resolve_compute_dtype(name: str) -> torch.dtype:
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # Without AMX, bf16 matmuls on a CPU are emulated and slower than fp32.
-    return torch.float32
+    return getattr(torch, compute_dtype_name(name, device_type()))
 
 
 def resolve_optimizer(name: str) -> str:
-    if name != "auto":
-        return name
-    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+    return optimizer_name(name, device_type())
 
 
 def bnb_config(quant: QuantizationConfig) -> Any:
@@ -284,7 +254,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cap_memory(trial.limits.memory_mb)
+    cap_process(trial.limits.memory_mb)
     set_seed(trial.training.seed)
     model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
     targets = resolve_target_modules(

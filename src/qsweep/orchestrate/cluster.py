@@ -1,0 +1,36 @@
+"""What the connected Ray cluster offers a trial: its GPU nodes and the memory of their cards.
+
+In orchestrate because it asks the running Ray cluster; the sizing rule itself (machine_from_nodes)
+is resources' and needs no Ray.
+"""
+
+from __future__ import annotations
+
+from qsweep.resources.packing import RAY_PRECISION, Machine, machine_from_nodes, visible_card_mb
+
+PROBE_TIMEOUT_S = 300
+
+
+def cluster_machine() -> Machine:
+    """What a trial of this sweep lands on, from the connected Ray cluster rather than this process's
+    own device: a CPU-only head with GPU workers still runs its trials on the GPUs."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+
+    def probe(node_id: str) -> float | None:
+        # The driver's own node needs no task: its card is the one this process sees.
+        return visible_card_mb() if node_id == here and visible_card_mb() else probe_card_mb(node_id)
+
+    return machine_from_nodes([n for n in ray.nodes() if n.get("Alive")], probe)
+
+
+def probe_card_mb(node_id: str) -> float | None:
+    """One card's memory on `node_id`, read by a Ray task holding a sliver of one GPU there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(visible_card_mb).options(
+        num_cpus=0, num_gpus=RAY_PRECISION, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
+    return ray.get(task.remote(), timeout=PROBE_TIMEOUT_S)
