@@ -264,8 +264,10 @@ def optimizer_bytes(lora_shapes: list[int], optimizer: str) -> int:
 
 def _dtype_bytes(compute_dtype: str, device: Device) -> int:
     if compute_dtype == "auto":
-        # trial.resolve_compute_dtype: bf16 (or fp16) on a GPU, fp32 on a CPU.
-        return 2 if device == "cuda" else 4
+        # On a GPU, bf16 or fp16; on a CPU, what the trial's own rule picks for this one.
+        from qsweep.train.trial import fastest_compute_dtype
+
+        return 2 if device == "cuda" else fastest_compute_dtype()[0].itemsize
     return 4 if compute_dtype == "float32" else 2
 
 
