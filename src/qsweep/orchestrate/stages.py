@@ -1,4 +1,4 @@
-"""Scoring around the search: the untuned baselines before it, the final stage after it.
+"""Scoring around the search: the untuned baselines beside it, the final stage after it.
 
 During the search every trial is scored on a cheap, seeded subset (evaluation.limit). Baselines
 give each trial a delta against the untuned base in its own quantization, and the final stage
@@ -9,6 +9,7 @@ on a small subset can be noise.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import yaml
 
 from qsweep import tracking
 from qsweep.config.schema import SweepConfig, TrialConfig
+from qsweep.evaluate import cache as evaluation_cache
 from qsweep.search.objective import objective_value
 from qsweep.search.space import SearchSpace
 
@@ -39,19 +41,23 @@ def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
     return types
 
 
-def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, float]:
+def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, Any]:
     """The untuned base model, quantized like the trials, on the same items."""
+    import time
+
     import torch
 
     from qsweep.evaluate.harness import score
     from qsweep.train.models import resolve_model
     from qsweep.train.trial import load_base
 
+    started = time.perf_counter()
     torch.set_num_threads(max(1, threads))
     trial = TrialConfig(**trial_dict)
     model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
     model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
-    return score(model, tokenizer, trial.evaluation, Path(base_dir)).scores
+    result = score(model, tokenizer, trial.evaluation, Path(base_dir))
+    return {"scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
 
 
 def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str, dict[str, float]]:
@@ -65,20 +71,79 @@ def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str
     return found
 
 
-def start_baselines(sweep: SweepConfig, types: list[str], done: dict[str, dict[str, float]],
-                    resources: dict[str, float]) -> dict[str, Any]:
-    """Ray tasks scoring each missing baseline, running beside the trials."""
+@dataclass
+class BaselineJob:
+    """The baselines of one sweep: known ones (logged before a resume, or cached) and Ray tasks
+    scoring the rest beside the trials."""
+
+    scores: dict[str, dict[str, float]]
+    keys: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    refs: dict[str, Any] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+
+
+def baseline_trial(sweep: SweepConfig, quant: str) -> TrialConfig:
+    trial = sweep.trial().model_dump(mode="json")
+    trial["quantization"]["quant_type"] = quant
+    return TrialConfig(**trial)
+
+
+def baseline_key(sweep: SweepConfig, quant: str) -> tuple[str, dict[str, Any]]:
+    from qsweep.evaluate.harness import include_dirs
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import resolve_compute_dtype
+
+    trial = baseline_trial(sweep, quant)
+    model_hash = resolve_model(trial.model.name, trial.model.revision, sweep.base_dir).content_hash
+    dtype = str(resolve_compute_dtype(trial.quantization.compute_dtype)).removeprefix("torch.")
+    ingredients = evaluation_cache.baseline_ingredients(
+        model_hash, trial.quantization, dtype, trial.evaluation,
+        include_dirs(trial.evaluation.include_path, sweep.base_dir))
+    return evaluation_cache.cache_key(ingredients), ingredients
+
+
+def start_baselines(sweep: SweepConfig, types: list[str], parent_run_id: str,
+                    resources: dict[str, float]) -> BaselineJob:
+    """Takes each baseline from the parent run (a resume) or the evaluation cache, and starts Ray
+    tasks scoring the others beside the trials."""
     import ray
 
+    job = BaselineJob(logged_baselines(sweep.tracking.uri, parent_run_id, types))
     remote = ray.remote(score_baseline).options(**ray_options(resources))
-    refs = {}
+    tasks = ", ".join(sweep.evaluation.tasks)
     for quant in types:
-        if quant in done:
+        if quant in job.scores:
             continue
-        trial = sweep.trial().model_dump(mode="json")
-        trial["quantization"]["quant_type"] = quant
-        refs[quant] = remote.remote(trial, str(sweep.base_dir), max(1, int(resources.get("cpu", 1))))
-    return refs
+        key, ingredients = baseline_key(sweep, quant)
+        job.keys[quant] = key, ingredients
+        entry = evaluation_cache.load(key)
+        if entry is not None:
+            job.scores[quant] = entry["scores"]
+            job.cached.add(quant)
+            logger.info("baseline %s %s: reused from the evaluation cache (key %s)", quant, tasks, key)
+            continue
+        job.refs[quant] = remote.remote(baseline_trial(sweep, quant).model_dump(mode="json"), str(sweep.base_dir),
+                                        max(1, int(resources.get("cpu", 1))))
+    return job
+
+
+def finish_baselines(sweep: SweepConfig, job: BaselineJob, parent_run_id: str) -> dict[str, dict[str, float]]:
+    """Waits for the scoring tasks, caches what they scored, and logs every baseline to the parent run."""
+    import ray
+
+    seconds = {}
+    for quant, ref in job.refs.items():
+        outcome = ray.get(ref)
+        job.scores[quant], seconds[quant] = outcome["scores"], outcome["seconds"]
+        key, ingredients = job.keys[quant]
+        path = evaluation_cache.store(key, ingredients, outcome["scores"], outcome["items"])
+        logger.info("baseline %s scored in %.1f s, stored in the evaluation cache: %s", quant, outcome["seconds"], path)
+    log_baselines(sweep.tracking.uri, parent_run_id, job.scores, sweep.quantization.quant_type)
+    tags = {f"qsweep.baseline_cache.{quant}": f"{'reused' if quant in job.cached else 'stored'} {key}"
+            for quant, (key, _) in job.keys.items()}
+    tracking.log_batch(tracking.client(sweep.tracking.uri), parent_run_id,
+                       metrics={f"baseline_seconds/{quant}": value for quant, value in seconds.items()}, tags=tags)
+    return job.scores
 
 
 def log_baselines(uri: str, parent_run_id: str, baselines: dict[str, dict[str, float]], base_quant: str) -> None:

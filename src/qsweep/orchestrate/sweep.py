@@ -7,12 +7,14 @@ its own storage in the output folder, so nothing here invents a checkpoint forma
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
@@ -22,7 +24,7 @@ from qsweep.resources.packing import Machine, resources_for, this_machine
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import build_searcher
-from qsweep.search.space import DefineByRun, SearchSpace, apply_params
+from qsweep.search.space import SearchSpace, apply_params
 from qsweep.tracking.ray_callback import TRIAL_LOG, AllFailingStopper, MlflowMirror, SweepHealth
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
                 search: dict[str, Any], threads: int) -> None:
     """The Ray Tune trainable: one trial in its own Ray worker process."""
+    import psutil
     import torch
     from ray import tune
 
@@ -72,8 +75,11 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     _log_to_file(out_dir / TRIAL_LOG)
     logger.info("config: %s", params)
     search_config = SearchConfig(**search)
+    # The worker's own start-up (process, imports), so a profile can tell it from the trial's work.
+    setup_seconds = time.time() - psutil.Process().create_time()
     try:
         outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
+        outcome.metrics["setup_seconds"] = setup_seconds
         objective = objective_value(outcome.scores, search_config)
     except Exception:
         # The trial's own failure (an exception, OOM, divergence, its time budget) is its result.
@@ -199,7 +205,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     finally:
         # The Ray this sweep started is its own: a library caller's process is left as it was.
         if started:
-            ray.shutdown()
+            with timed_phase("ray_shutdown"):
+                ray.shutdown()
+        logger.info("sweep %s done", sweep.name)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -208,42 +216,56 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    started = time.perf_counter()
     ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
         # by what was freed, not by what is in use.
         "MALLOC_MMAP_THRESHOLD_": "131072",
     }})
+    logger.info("ray started in %.1f s", time.perf_counter() - started)
     return True
 
 
 def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
     """Baselines beside the trials, the trials, then deltas, the final stage and search insight."""
-    import ray
     from ray import tune
 
     from qsweep.train.models import resolve_model
 
-    machine = this_machine()
-    resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
-                              machine)({})
-    types = stages.quant_types(sweep, space)
-    baselines = stages.logged_baselines(sweep.tracking.uri, state.parent_run_id, types)
-    baseline_refs = stages.start_baselines(sweep, types, baselines, resources)
-    if resuming:
-        logger.info("resuming sweep %s from %s", sweep.name, folder)
-        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-    else:
-        tuner = _new_tuner(sweep, space, folder, state, machine)
-    grid = tuner.fit()
-    baselines.update({quant: ray.get(ref) for quant, ref in baseline_refs.items()})
-    stages.log_baselines(sweep.tracking.uri, state.parent_run_id, baselines, sweep.quantization.quant_type)
-    runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
-    stages.log_deltas(sweep.tracking.uri, runs, baselines)
-    final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
-    log_search_insight(sweep, state, folder)
-    return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+    with timed_phase("setup"):
+        machine = this_machine()
+        resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
+                                  machine)({})
+        types = stages.quant_types(sweep, space)
+        baseline_job = stages.start_baselines(sweep, types, state.parent_run_id, resources)
+        if resuming:
+            logger.info("resuming sweep %s from %s", sweep.name, folder)
+            tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
+                                       resume_unfinished=True, resume_errored=False, restart_errored=False)
+        else:
+            tuner = _new_tuner(sweep, space, folder, state, machine)
+    with timed_phase("trials"):
+        grid = tuner.fit()
+    with timed_phase("baselines"):
+        baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id)
+    with timed_phase("deltas"):
+        runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
+        stages.log_deltas(sweep.tracking.uri, runs, baselines)
+    with timed_phase("final_stage"):
+        final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+    with timed_phase("search_insight"):
+        log_search_insight(sweep, state, folder)
+    with timed_phase("finish"):
+        return finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final)
+
+
+@contextlib.contextmanager
+def timed_phase(name: str) -> Iterator[None]:
+    """Logs how long a phase of the sweep took: where the time goes (bench/anchor.py reads these)."""
+    started = time.perf_counter()
+    yield
+    logger.info("phase %s took %.1f s", name, time.perf_counter() - started)
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:
