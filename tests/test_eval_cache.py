@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,10 @@ def test_a_second_sweep_reuses_the_cached_baseline(tmp_path: Path, monkeypatch, 
     (first, first_log), (second, second_log) = parents
     assert first.data.tags["qsweep.baseline_cache.nf4"].startswith("stored ")
     assert "reused from the evaluation cache" not in first_log
+    # nf4 was scored by the trial on the base it had loaded; fp4 (in the space, never run) by a task.
+    assert re.search(r"baseline nf4 scored in [\d.]+ s \(by a trial\)", first_log), first_log
+    assert re.search(r"baseline fp4 scored in [\d.]+ s \(in a separate task\)", first_log), first_log
+    assert second.data.tags["qsweep.baseline_cache.fp4"].startswith("reused ")
     key = first.data.tags["qsweep.baseline_cache.nf4"].split()[1]
     assert second.data.tags["qsweep.baseline_cache.nf4"] == f"reused {key}"
     assert f"baseline nf4 zorble: reused from the evaluation cache (key {key})" in second_log
@@ -169,3 +174,12 @@ def test_a_second_sweep_reuses_the_cached_baseline(tmp_path: Path, monkeypatch, 
     entry = json.loads((tmp_path / "cache" / "evaluations" / f"{key}.json").read_text())
     assert entry["scores"]["zorble/acc"] == first.data.metrics["baseline/nf4/zorble/acc"]
     assert len(entry["items"]["zorble"]) == tiny_sweep_base["evaluation"]["limit"]
+
+    # The trial's in-process score of its base matches the base scored alone, in its own process.
+    from qsweep.config.schema import SweepConfig
+    from qsweep.orchestrate.stages import baseline_trial, score_baseline
+
+    alone = score_baseline(baseline_trial(SweepConfig(**tiny_sweep_base), "nf4").model_dump(mode="json"),
+                           str(tmp_path), 1)
+    assert alone["scores"]["zorble/acc"] == first.data.metrics["baseline/nf4/zorble/acc"]
+    assert alone["items"] == entry["items"]

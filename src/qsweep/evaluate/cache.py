@@ -155,6 +155,19 @@ def baseline_ingredients(model_hash: str, quant: Any, compute_dtype: str, evalua
     }
 
 
+def baseline_key(trial: Any, base_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The cache key (and its ingredients) of the untuned base as `trial` would load and score it."""
+    from qsweep.evaluate.harness import include_dirs
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import resolve_compute_dtype  # trial imports this module: resolved at call time
+
+    model_hash = resolve_model(trial.model.name, trial.model.revision, base_dir).content_hash
+    dtype = str(resolve_compute_dtype(trial.quantization.compute_dtype)).removeprefix("torch.")
+    ingredients = baseline_ingredients(model_hash, trial.quantization, dtype, trial.evaluation,
+                                       include_dirs(trial.evaluation.include_path, base_dir))
+    return cache_key(ingredients), ingredients
+
+
 def cache_key(ingredients: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(ingredients, sort_keys=True).encode()).hexdigest()[:32]
 

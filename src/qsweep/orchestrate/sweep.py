@@ -60,7 +60,7 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
-                search: dict[str, Any], threads: int) -> None:
+                search: dict[str, Any], threads: int, pending_baselines: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune trainable: one trial in its own Ray worker process."""
     import psutil
     import torch
@@ -78,7 +78,8 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     # The worker's own start-up (process, imports), so a profile can tell it from the trial's work.
     setup_seconds = time.time() - psutil.Process().create_time()
     try:
-        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
+        untuned_base = stages.untuned_base_for(trial, pending_baselines, Path(base_dir))
+        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base)
         outcome.metrics["setup_seconds"] = setup_seconds
         objective = objective_value(outcome.scores, search_config)
     except Exception:
@@ -98,6 +99,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
         "measures": outcome.metrics,
         "provenance": {**outcome.provenance, **_node()},
         "out_dir": str(out_dir),
+        **({"baseline": outcome.baseline} if outcome.baseline else {}),
     })
 
 
@@ -143,7 +145,8 @@ def concurrency_limit(sweep: SweepConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpus_per_trial))
 
 
-def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
+def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine,
+               pending_baselines: dict[str, dict[str, Any]]) -> Any:
     from ray import tune
 
     from qsweep.train.models import resolve_model
@@ -153,19 +156,20 @@ def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
         tune.with_parameters(
             train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
             trials_root=str(trials_root), search=sweep.search.model_dump(mode="json"),
-            threads=max(1, int(sweep.resources.cpus_per_trial)),
+            threads=max(1, int(sweep.resources.cpus_per_trial)), pending_baselines=pending_baselines,
         ),
         resources_for(sweep, model_path, machine),
     )
 
 
-def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine) -> Any:
+def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine,
+               pending_baselines: dict[str, dict[str, Any]]) -> Any:
     from ray import tune
 
     health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
     mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
     return tune.Tuner(
-        _trainable(sweep, folder / "trials", machine),
+        _trainable(sweep, folder / "trials", machine, pending_baselines),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
             scheduler=build_scheduler(sweep),
@@ -238,17 +242,20 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
                                   machine)({})
         types = stages.quant_types(sweep, space)
-        baseline_job = stages.start_baselines(sweep, types, state.parent_run_id, resources)
+        baseline_job = stages.start_baselines(sweep, types, state.parent_run_id)
+        pending = stages.pending_baselines(sweep, baseline_job)
         if resuming:
             logger.info("resuming sweep %s from %s", sweep.name, folder)
-            tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
+            tuner = tune.Tuner.restore(str(folder / RAY_DIR),
+                                       trainable=_trainable(sweep, folder / "trials", machine, pending),
                                        resume_unfinished=True, resume_errored=False, restart_errored=False)
         else:
-            tuner = _new_tuner(sweep, space, folder, state, machine)
+            tuner = _new_tuner(sweep, space, folder, state, machine, pending)
     with timed_phase("trials"):
         grid = tuner.fit()
     with timed_phase("baselines"):
-        baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id)
+        baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id,
+                                            [r.metrics or {} for r in grid], resources)
     with timed_phase("deltas"):
         runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
