@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -142,11 +143,17 @@ QSWEEP_CLI = (
 )
 
 
-def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess, float]:
+def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess, float, float]:
+    """Wall seconds, the process, its start (epoch) and the CPU seconds of its whole process tree:
+    with other work on the machine, walls stretch but CPU seconds stay near the work done."""
     started_epoch = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    return time.perf_counter() - started, proc, started_epoch
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, proc, started_epoch, cpu
 
 
 def log_events(stderr: str) -> list[tuple[float, str, str]]:
@@ -241,7 +248,7 @@ def main() -> None:
                    env=env, check=True)
     with tempfile.TemporaryDirectory(prefix="qsweep-anchor-") as tmp:
         folder = Path(tmp)
-        anchor_wall, anchor, _ = timed([sys.executable, __file__, "--anchor", "--model", args.model, "--trials",
+        anchor_wall, anchor, _, anchor_cpu = timed([sys.executable, __file__, "--anchor", "--model", args.model, "--trials",
                                         str(args.trials), "--steps", str(args.steps), "--batch", str(args.batch)],
                                        folder, env)
         if anchor.returncode != 0:
@@ -252,9 +259,11 @@ def main() -> None:
             runs["warm_cache"] = run_qsweep(folder / "warm", args, env)
     print(json.dumps({
         "machine": machine(), "model": args.model, "trials": args.trials, "steps": args.steps, "batch": args.batch,
-        "anchor": {"wall_s": round(anchor_wall, 2), **json.loads(anchor.stdout.strip().splitlines()[-1])},
+        "anchor": {"wall_s": round(anchor_wall, 2), "cpu_s": round(anchor_cpu, 1), **json.loads(anchor.stdout.strip().splitlines()[-1])},
         **{f"qsweep_{name}": run for name, run in runs.items()},
         **{f"ratio_qsweep_{name}_over_anchor": round(run["wall_s"] / anchor_wall, 3) for name, run in runs.items()},
+        **{f"cpu_ratio_qsweep_{name}_over_anchor": round(run["cpu_s"] / anchor_cpu, 3) for name, run in runs.items()},
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1),
     }, indent=2))
 
 
@@ -273,12 +282,12 @@ def fresh_cache(folder: Path) -> Path:
 def run_qsweep(folder: Path, args: argparse.Namespace, env: dict) -> dict:
     folder.mkdir()
     path = sweep_file(folder, args.model, args.trials, args.steps, args.batch)
-    wall, run, started = timed([sys.executable, "-c", QSWEEP_CLI, str(path)], folder, env)
+    wall, run, started, cpu = timed([sys.executable, "-c", QSWEEP_CLI, str(path)], folder, env)
     if args.log:
         args.log.with_name(f"{args.log.stem}.{folder.name}{args.log.suffix}").write_text(run.stderr)
     if run.returncode != 0:
         sys.exit(f"qsweep run failed:\n{run.stderr[-4000:]}")
-    return {"wall_s": round(wall, 2), "profile": qsweep_profile(folder, run.stderr, started, wall)}
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "profile": qsweep_profile(folder, run.stderr, started, wall)}
 
 
 def machine() -> str:
