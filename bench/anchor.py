@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -143,17 +142,11 @@ QSWEEP_CLI = (
 )
 
 
-def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess, float, float]:
-    """Wall seconds, the process, its start (epoch) and the CPU seconds of its whole process tree:
-    with other work on the machine, walls stretch but CPU seconds stay near the work done."""
+def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, subprocess.CompletedProcess, float]:
     started_epoch = time.time()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return wall, proc, started_epoch, cpu
+    return time.perf_counter() - started, proc, started_epoch
 
 
 def log_events(stderr: str) -> list[tuple[float, str, str]]:
@@ -214,7 +207,7 @@ def qsweep_profile(folder: Path, stderr: str, started: float, wall: float) -> di
                                  if k.startswith("qsweep.baseline_cache.")},
         "first_trial_started_after_s": round(fit_started - started, 2) if fit_started else None,
         "mlflow_logging_per_trial_s": seconds_in(events, r"logged to MLflow in ([\d.]+) s"),
-        "phases_after_trials_s": {m[1]: float(m[2]) for _, _, msg in events
+        "sweep_phases_s": {m[1]: float(m[2]) for _, _, msg in events
                                   if (m := re.search(r"^phase (\S+) took ([\d.]+) s", msg))},
         "ended_after_sweep_done_s": round(started + wall - sweep_done[-1], 2) if sweep_done else None,
         "trials": per_trial,
@@ -248,7 +241,7 @@ def main() -> None:
                    env=env, check=True)
     with tempfile.TemporaryDirectory(prefix="qsweep-anchor-") as tmp:
         folder = Path(tmp)
-        anchor_wall, anchor, _, anchor_cpu = timed([sys.executable, __file__, "--anchor", "--model", args.model, "--trials",
+        anchor_wall, anchor, _ = timed([sys.executable, __file__, "--anchor", "--model", args.model, "--trials",
                                         str(args.trials), "--steps", str(args.steps), "--batch", str(args.batch)],
                                        folder, env)
         if anchor.returncode != 0:
@@ -259,10 +252,9 @@ def main() -> None:
             runs["warm_cache"] = run_qsweep(folder / "warm", args, env)
     print(json.dumps({
         "machine": machine(), "model": args.model, "trials": args.trials, "steps": args.steps, "batch": args.batch,
-        "anchor": {"wall_s": round(anchor_wall, 2), "cpu_s": round(anchor_cpu, 1), **json.loads(anchor.stdout.strip().splitlines()[-1])},
+        "anchor": {"wall_s": round(anchor_wall, 2), **json.loads(anchor.stdout.strip().splitlines()[-1])},
         **{f"qsweep_{name}": run for name, run in runs.items()},
         **{f"ratio_qsweep_{name}_over_anchor": round(run["wall_s"] / anchor_wall, 3) for name, run in runs.items()},
-        **{f"cpu_ratio_qsweep_{name}_over_anchor": round(run["cpu_s"] / anchor_cpu, 3) for name, run in runs.items()},
         "load_average_1min_at_end": round(os.getloadavg()[0], 1),
     }, indent=2))
 
@@ -282,12 +274,12 @@ def fresh_cache(folder: Path) -> Path:
 def run_qsweep(folder: Path, args: argparse.Namespace, env: dict) -> dict:
     folder.mkdir()
     path = sweep_file(folder, args.model, args.trials, args.steps, args.batch)
-    wall, run, started, cpu = timed([sys.executable, "-c", QSWEEP_CLI, str(path)], folder, env)
+    wall, run, started = timed([sys.executable, "-c", QSWEEP_CLI, str(path)], folder, env)
     if args.log:
         args.log.with_name(f"{args.log.stem}.{folder.name}{args.log.suffix}").write_text(run.stderr)
     if run.returncode != 0:
         sys.exit(f"qsweep run failed:\n{run.stderr[-4000:]}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "profile": qsweep_profile(folder, run.stderr, started, wall)}
+    return {"wall_s": round(wall, 2), "profile": qsweep_profile(folder, run.stderr, started, wall)}
 
 
 def machine() -> str:

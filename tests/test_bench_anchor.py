@@ -34,4 +34,4 @@ def test_quick_bench_prints_both_walls_their_ratio_and_a_profile(tmp_path):
     assert all(v.startswith("reused ") for v in warm["profile"]["baselines_from_cache"].values())
     assert all(t["untuned_base_scored_in_trial_s"] == 0 for t in warm["profile"]["trials"])
     assert len(profile["mlflow_logging_per_trial_s"]) == 2
-    assert {"trials", "search_insight", "ray_shutdown"} <= set(profile["phases_after_trials_s"])
+    assert {"trials", "search_insight", "ray_shutdown"} <= set(profile["sweep_phases_s"])
