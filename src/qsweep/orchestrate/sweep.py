@@ -224,8 +224,10 @@ def connect_ray(address: str | None) -> bool:
     ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
-        # by what was freed, not by what is in use.
-        "MALLOC_MMAP_THRESHOLD_": "131072",
+        # by what was freed, not by what is in use. Blocks of 4 MiB and more (logits, weights) are
+        # mmapped and go back when freed; mmapping smaller ones too (activations) made a training
+        # step 1.7x slower (SmolLM2-135M, batch 8: 1.9 s at a 128 KiB threshold vs 1.1 s at 4 MiB).
+        "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
     }})
     logger.info("ray started in %.1f s", time.perf_counter() - started)
     return True
