@@ -38,9 +38,9 @@ def worker(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    from qsweep.config.policy import optimizer_name
     from qsweep.config.schema import QuantizationConfig
     from qsweep.train.models import resolve_model
-    from qsweep.train.policy import optimizer_name
     from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import attach_lora, device_type, load_base, resolve_compute_dtype
 

@@ -85,9 +85,9 @@ def test_the_optimizer_a_trial_builds_is_the_one_its_estimate_counted(gpu_sweep,
     import torch
     from transformers import Trainer
 
+    from qsweep.config.policy import optimizer_name
     from qsweep.resources.estimate import MIB, estimate_trial_memory
     from qsweep.train.models import resolve_model
-    from qsweep.train.policy import optimizer_name
     from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import attach_lora, load_base, resolve_compute_dtype, resolve_optimizer, training_arguments
 

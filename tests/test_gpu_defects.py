@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qsweep.config.policy import compute_dtype_name, optimizer_name
 from qsweep.config.schema import SweepConfig
 from qsweep.resources.caps import tensor_fraction
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, MIB
@@ -28,7 +29,6 @@ from qsweep.resources.packing import (
     resources_for,
     trial_estimate,
 )
-from qsweep.train.policy import compute_dtype_name, optimizer_name
 
 CARD_80 = 80 * 1024
 CARD_24 = 24 * 1024

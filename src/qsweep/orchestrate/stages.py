@@ -1,4 +1,4 @@
-"""Scoring around the search: the untuned baselines before it, the final stage after it.
+"""Scoring around the search: the untuned baselines beside it, the final stage after it.
 
 During the search every trial is scored on a cheap, seeded subset (evaluation.limit). Baselines
 give each trial a delta against the untuned base in its own quantization, and the final stage
@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from qsweep import tracking
-from qsweep.config.schema import SweepConfig, TrialConfig
+from qsweep.config.policy import compute_dtype_name
+from qsweep.config.schema import QuantizationConfig, SweepConfig, TrialConfig
+from qsweep.evaluate import cache as evaluation_cache
 from qsweep.resources.caps import cap_process, release_cap
 from qsweep.search.objective import objective_value
 from qsweep.search.space import SearchSpace
@@ -50,20 +53,24 @@ def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
     return types
 
 
-def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, float]:
+def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, Any]:
     """The untuned base model, quantized like the trials, on the same items."""
+    import time
+
     import torch
 
     from qsweep.evaluate.harness import score
     from qsweep.train.models import resolve_model
     from qsweep.train.trial import load_base
 
+    started = time.perf_counter()
     torch.set_num_threads(max(1, threads))
     trial = TrialConfig(**trial_dict)
     with capped(trial.limits.memory_mb):
         model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
         model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
-        return score(model, tokenizer, trial.evaluation, Path(base_dir)).scores
+        result = score(model, tokenizer, trial.evaluation, Path(base_dir))
+    return {"scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
 
 
 def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str, dict[str, float]]:
@@ -77,20 +84,104 @@ def logged_baselines(uri: str, parent_run_id: str, types: list[str]) -> dict[str
     return found
 
 
-def start_baselines(sweep: SweepConfig, types: list[str], done: dict[str, dict[str, float]],
-                    resources: dict[str, float]) -> dict[str, Any]:
-    """Ray tasks scoring each missing baseline, running beside the trials."""
+@dataclass
+class BaselineJob:
+    """The baselines of one sweep: those known at the start (logged before a resume, or in the
+    evaluation cache) and those still to score, each under its cache key and ingredients."""
+
+    scores: dict[str, dict[str, float]]
+    pending: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)
+    cached: set[str] = field(default_factory=set)
+
+
+def baseline_trial(sweep: SweepConfig, quant: str) -> TrialConfig:
+    trial = sweep.trial().model_dump(mode="json")
+    trial["quantization"]["quant_type"] = quant
+    return TrialConfig(**trial)
+
+
+def baseline_key(trial: TrialConfig, base_dir: Path) -> tuple[str, dict[str, Any]]:
+    """The cache key (and its ingredients) of the untuned base as `trial` would load and score it."""
+    from qsweep.evaluate.harness import include_dirs
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import device_type
+
+    model_hash = resolve_model(trial.model.name, trial.model.revision, base_dir).content_hash
+    dtype = compute_dtype_name(trial.quantization.compute_dtype, device_type())
+    ingredients = evaluation_cache.baseline_ingredients(model_hash, trial.quantization, dtype, trial.evaluation,
+                                       include_dirs(trial.evaluation.include_path, base_dir))
+    return evaluation_cache.cache_key(ingredients), ingredients
+
+
+def start_baselines(sweep: SweepConfig, types: list[str], parent_run_id: str) -> BaselineJob:
+    """Takes each baseline from the parent run (a resume) or the evaluation cache; the rest are
+    scored by the first trial of each type, on the base it loads anyway (see train.trial)."""
+    job = BaselineJob(logged_baselines(sweep.tracking.uri, parent_run_id, types))
+    tasks = ", ".join(sweep.evaluation.tasks)
+    for quant in types:
+        if quant in job.scores:
+            continue
+        key, ingredients = baseline_key(baseline_trial(sweep, quant), sweep.base_dir)
+        job.keys[quant] = key
+        entry = evaluation_cache.load(key)
+        if entry is None:
+            job.pending[quant] = key, ingredients
+            continue
+        job.scores[quant] = entry["scores"]
+        job.cached.add(quant)
+        logger.info("baseline %s %s: reused from the evaluation cache (key %s)", quant, tasks, key)
+    return job
+
+
+def pending_baselines(sweep: SweepConfig, job: BaselineJob) -> dict[str, dict[str, Any]]:
+    """What each trial is told: per 4-bit type, the key and quantization of the baseline still missing."""
+    return {quant: {"key": key, "quantization": baseline_trial(sweep, quant).quantization.model_dump(mode="json")}
+            for quant, (key, _) in job.pending.items()}
+
+
+def untuned_base_for(trial: TrialConfig, pending: dict[str, dict[str, Any]], base_dir: Path) -> Any:
+    """The baseline a trial scores before it trains (train.trial.score_untuned_base): the one for its
+    4-bit type, if still missing and asked the same question as the sweep (its evaluation settings
+    are not searched away); None otherwise."""
+    from qsweep.train.trial import UntunedBase
+
+    wanted = pending.get(trial.quantization.quant_type)
+    if wanted is None:
+        return None
+    config = trial.model_copy(update={"quantization": QuantizationConfig(**wanted["quantization"])})
+    key, ingredients = baseline_key(config, base_dir)
+    return UntunedBase(config, key, ingredients) if key == wanted["key"] else None
+
+
+def finish_baselines(sweep: SweepConfig, job: BaselineJob, parent_run_id: str, trial_results: list[dict],
+                     resources: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Collects the baselines the trials scored, scores any no trial could (its 4-bit type never
+    ran with the sweep's settings) in Ray tasks, caches them, and logs them all to the parent run."""
     import ray
 
+    scored = {b["key"]: b for r in trial_results if isinstance(b := r.get("baseline"), dict)}
+    missing = {quant: entry for quant, entry in job.pending.items()
+               if entry[0] not in scored and evaluation_cache.load(entry[0]) is None}
     remote = ray.remote(score_baseline).options(**ray_options(resources))
-    refs = {}
-    for quant in types:
-        if quant in done:
+    refs = {quant: remote.remote(baseline_trial(sweep, quant).model_dump(mode="json"), str(sweep.base_dir),
+                                 max(1, int(resources.get("cpu", 1)))) for quant in missing}
+    seconds = {}
+    for quant, (key, ingredients) in job.pending.items():
+        outcome = ray.get(refs[quant]) if quant in refs else scored.get(key)
+        if outcome is None:  # scored by a trial on this machine, which wrote it to the cache
+            job.scores[quant] = evaluation_cache.load(key)["scores"]
             continue
-        trial = sweep.trial().model_dump(mode="json")
-        trial["quantization"]["quant_type"] = quant
-        refs[quant] = remote.remote(trial, str(sweep.base_dir), max(1, int(resources.get("cpu", 1))))
-    return refs
+        job.scores[quant], seconds[quant] = outcome["scores"], outcome["seconds"]
+        evaluation_cache.store(key, ingredients, outcome["scores"], outcome["items"])
+        logger.info("baseline %s scored in %.1f s (%s) and cached under key %s", quant, outcome["seconds"],
+                    "in a separate task" if quant in refs else "by a trial", key)
+    log_baselines(sweep.tracking.uri, parent_run_id, job.scores, sweep.quantization.quant_type)
+    tags = {f"qsweep.baseline_cache.{quant}": f"{'reused' if quant in job.cached else 'stored'} {key}"
+            for quant, key in job.keys.items()}
+    tracking.log_batch(tracking.client(sweep.tracking.uri), parent_run_id,
+                       metrics={f"baseline_seconds/{quant}": value for quant, value in seconds.items()}, tags=tags)
+    return job.scores
 
 
 def log_baselines(uri: str, parent_run_id: str, baselines: dict[str, dict[str, float]], base_quant: str) -> None:

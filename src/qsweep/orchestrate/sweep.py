@@ -9,12 +9,14 @@ study still lacks, after the study and the MLflow mirror close what that driver 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
@@ -62,8 +64,9 @@ def _log_to_file(path: Path) -> logging.Handler:
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
-                search: dict[str, Any], threads: int) -> None:
+                search: dict[str, Any], threads: int, pending_baselines: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune trainable: one trial in its own Ray worker process."""
+    import psutil
     import torch
     from ray import tune
 
@@ -76,8 +79,12 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
     _log_to_file(out_dir / TRIAL_LOG)
     logger.info("config: %s", params)
     search_config = SearchConfig(**search)
+    # The worker's own start-up (process, imports), so a profile can tell it from the trial's work.
+    setup_seconds = time.time() - psutil.Process().create_time()
     try:
-        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report)
+        untuned_base = stages.untuned_base_for(trial, pending_baselines, Path(base_dir))
+        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base)
+        outcome.metrics["setup_seconds"] = setup_seconds
         objective = objective_value(outcome.scores, search_config)
     except Exception:
         # The trial's own failure (an exception, OOM, divergence, its time budget) is its result.
@@ -96,6 +103,7 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
         "measures": outcome.metrics,
         "provenance": {**outcome.provenance, **_node()},
         "out_dir": str(out_dir),
+        **({"baseline": outcome.baseline} if outcome.baseline else {}),
     })
 
 
@@ -130,7 +138,8 @@ def concurrency_limit(sweep: SweepConfig) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // sweep.resources.cpus_per_trial))
 
 
-def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
+def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine,
+               pending_baselines: dict[str, dict[str, Any]]) -> Any:
     from ray import tune
 
     from qsweep.train.models import resolve_model
@@ -140,18 +149,18 @@ def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine) -> Any:
         tune.with_parameters(
             train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
             trials_root=str(trials_root), search=sweep.search.model_dump(mode="json"),
-            threads=max(1, int(sweep.resources.cpus_per_trial)),
+            threads=max(1, int(sweep.resources.cpus_per_trial)), pending_baselines=pending_baselines,
         ),
         resources_for(sweep, model_path, machine),
     )
 
 
 def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Machine, mirror: MlflowMirror,
-               num_samples: int) -> Any:
+               num_samples: int, pending_baselines: dict[str, dict[str, Any]]) -> Any:
     from ray import tune
 
     return tune.Tuner(
-        _trainable(sweep, folder / "trials", machine),
+        _trainable(sweep, folder / "trials", machine, pending_baselines),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
             scheduler=build_scheduler(sweep),
@@ -191,7 +200,9 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     finally:
         # The Ray this sweep started is its own: a library caller's process is left as it was.
         if started:
-            ray.shutdown()
+            with timed_phase("ray_shutdown"):
+                ray.shutdown()
+        logger.info("sweep %s done", sweep.name)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -200,24 +211,29 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    started = time.perf_counter()
     ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
         # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
-        # by what was freed, not by what is in use.
-        "MALLOC_MMAP_THRESHOLD_": "131072",
+        # by what was freed, not by what is in use. Blocks of 4 MiB and more (logits, weights) are
+        # mmapped and go back when freed; mmapping smaller ones too (activations) made a training
+        # step 1.7x slower (SmolLM2-135M, batch 8: 1.9 s at a 128 KiB threshold vs 1.1 s at 4 MiB).
+        "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
     }})
+    logger.info("ray started in %.1f s", time.perf_counter() - started)
     return True
 
 
 def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine,
-                resuming: bool) -> tuple[Any, Tried]:
+                resuming: bool, pending_baselines: dict[str, dict[str, Any]]) -> tuple[Any, Tried]:
     """Ray Tune's results, and the outcomes of trials run by an earlier driver Ray never saved."""
     from ray import tune
 
     if resuming:
         logger.info("resuming sweep %s from %s", sweep.name, folder)
-        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=_trainable(sweep, folder / "trials", machine),
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
+        trainable = _trainable(sweep, folder / "trials", machine, pending_baselines)
+        tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
         return tuner.fit(), Tried()
     earlier = prepare_study(sweep, folder)
     if earlier.total:
@@ -227,33 +243,50 @@ def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swe
     # No Ray trial exists yet, so every child run still RUNNING belongs to a driver that died.
     mirror.reconcile([])
     remaining = sweep.search.num_trials - earlier.total
-    return (_new_tuner(sweep, space, folder, machine, mirror, remaining).fit() if remaining > 0 else []), earlier
+    if remaining <= 0:
+        return [], earlier
+    return _new_tuner(sweep, space, folder, machine, mirror, remaining, pending_baselines).fit(), earlier
 
 
 def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
-    """Baselines beside the trials, the trials, then deltas, the final stage and search insight."""
-    import ray
-
+    """Baselines beside the trials, the trials, then deltas, the final stage, search insight and the report."""
     from qsweep.report import html as sweep_report
     from qsweep.train.models import resolve_model
 
-    machine = cluster_machine()
-    logger.info("trials are sized for %s with %.0f MiB", machine.device, machine.memory_mb)
-    resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
-                              machine)({})
-    types = stages.quant_types(sweep, space)
-    baselines = stages.logged_baselines(sweep.tracking.uri, state.parent_run_id, types)
-    baseline_refs = stages.start_baselines(sweep, types, baselines, resources)
-    grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming)
-    baselines.update({quant: ray.get(ref) for quant, ref in baseline_refs.items()})
-    stages.log_baselines(sweep.tracking.uri, state.parent_run_id, baselines, sweep.quantization.quant_type)
-    runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
-    stages.log_deltas(sweep.tracking.uri, runs, baselines)
-    final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
-    log_search_insight(sweep, state, folder)
-    summary = finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final, earlier)
-    sweep_report.publish_at_end(sweep.tracking.uri, state.parent_run_id, folder)
+    with timed_phase("setup"):
+        machine = cluster_machine()
+        logger.info("trials are sized for %s with %.0f MiB", machine.device, machine.memory_mb)
+        resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
+                                  machine)({})
+        types = stages.quant_types(sweep, space)
+        baseline_job = stages.start_baselines(sweep, types, state.parent_run_id)
+        pending = stages.pending_baselines(sweep, baseline_job)
+    with timed_phase("trials"):
+        grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming, pending)
+    with timed_phase("baselines"):
+        baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id,
+                                            [r.metrics or {} for r in grid], resources)
+    with timed_phase("deltas"):
+        runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
+        stages.log_deltas(sweep.tracking.uri, runs, baselines)
+    with timed_phase("final_stage"):
+        final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+    with timed_phase("search_insight"):
+        log_search_insight(sweep, state, folder)
+    with timed_phase("finish"):
+        summary = finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final,
+                                    earlier)
+    with timed_phase("report"):
+        sweep_report.publish_at_end(sweep.tracking.uri, state.parent_run_id, folder)
     return summary
+
+
+@contextlib.contextmanager
+def timed_phase(name: str) -> Iterator[None]:
+    """Logs how long a phase of the sweep took: where the time goes (bench/anchor.py reads these)."""
+    started = time.perf_counter()
+    yield
+    logger.info("phase %s took %.1f s", name, time.perf_counter() - started)
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:

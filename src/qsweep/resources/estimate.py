@@ -30,8 +30,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from qsweep.config.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.config.schema import TrialConfig
-from qsweep.train.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20

@@ -9,6 +9,7 @@ trial Ray never saved (the driver died first) is marked KILLED too: no run stays
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,7 @@ class MlflowMirror(Callback):
                                step=int(result["step"]))
 
     def _log_final(self, run_id: str, result: dict) -> None:
+        started = time.perf_counter()
         out_dir = Path(result["out_dir"])
         tracking.log_batch(
             self.client, run_id,
@@ -184,6 +186,7 @@ class MlflowMirror(Callback):
                                                TRIAL_LOG)],
             folders={"adapter": out_dir / "adapter"},
         )
+        logger.info("run %s: final results logged to MLflow in %.2f s", run_id, time.perf_counter() - started)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self.runs[trial.trial_id]

@@ -11,17 +11,18 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
+from qsweep.config.policy import compute_dtype_name, fastest_compute_dtype, optimizer_name
 from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
+from qsweep.evaluate import cache as evaluation_cache
 from qsweep.evaluate.harness import score
 from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.models import resolve_model
-from qsweep.train.policy import compute_dtype_name, optimizer_name
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
 
@@ -53,6 +54,7 @@ class TrialOutcome:
     results_file: Path
     samples_file: Path
     curve: list[dict[str, float]] = field(default_factory=list)
+    baseline: dict[str, Any] | None = None
 
 
 def device_type() -> str:
@@ -87,11 +89,15 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # On a CPU the layers left unquantized (embeddings, norms) stay fp32 whatever the compute dtype:
+    # prepare_model_for_kbit_training makes them fp32 for training anyway, so the untuned base is
+    # scored in the same precision as the trained adapters, and bf16 speeds up only the 4-bit matmuls.
+    on_gpu = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=bnb_config(quant),
-        dtype=resolve_compute_dtype(quant.compute_dtype),
-        device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"},
+        dtype=resolve_compute_dtype(quant.compute_dtype) if on_gpu else torch.float32,
+        device_map={"": 0} if on_gpu else {"": "cpu"},
         trust_remote_code=trust_remote_code,
     )
     keep_cpu_weights_unpacked(model)
@@ -248,8 +254,37 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporter) -> TrialOutcome:
-    """Train and score one config; writes adapter/, config.yaml and lm-eval results into out_dir."""
+class UntunedBase(NamedTuple):
+    """A baseline the sweep still needs: the config its base is loaded and scored with, and its
+    evaluation cache key and ingredients."""
+
+    config: TrialConfig
+    key: str
+    ingredients: dict[str, Any]
+
+
+def score_untuned_base(base: UntunedBase, base_dir: Path, model: Any = None, tokenizer: Any = None
+                       ) -> dict[str, Any] | None:
+    """Scores the untuned base inside a trial and caches the score: with the trial's own base when it
+    is quantized the same way (before LoRA touches it), else loaded here and freed before the trial
+    loads its own. Either way no other process loads the base, and at most one base is in memory.
+    None when another trial on this machine has cached the score meanwhile."""
+    if evaluation_cache.load(base.key) is not None:
+        return None
+    started = time.perf_counter()
+    if model is None:
+        path = resolve_model(base.config.model.name, base.config.model.revision, base_dir).path
+        model, tokenizer = load_base(path, base.config.quantization, base.config.model.trust_remote_code)
+    model.eval()
+    result = score(model, tokenizer, base.config.evaluation, base_dir)
+    evaluation_cache.store(base.key, base.ingredients, result.scores, result.items)
+    return {"key": base.key, "scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
+
+
+def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporter,
+              untuned_base: UntunedBase | None = None) -> TrialOutcome:
+    """Train and score one config; writes adapter/, config.yaml and lm-eval results into out_dir.
+    With `untuned_base`, that baseline is scored first (see score_untuned_base)."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     started = time.perf_counter()
@@ -261,11 +296,19 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         trial.lora.target_modules, linear_module_names(model_info.path, trial.model.trust_remote_code)
     )
     compute_dtype = resolve_compute_dtype(trial.quantization.compute_dtype)
+    same_base = untuned_base is not None and untuned_base.config.quantization == trial.quantization
+    baseline = score_untuned_base(untuned_base, base_dir) if untuned_base and not same_base else None
+    load_started = time.perf_counter()
     model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
     model = attach_lora(
         model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
     )
 
+    load_seconds = time.perf_counter() - load_started
+    if same_base:
+        baseline = score_untuned_base(untuned_base, base_dir, model, tokenizer)
+    # lm-eval reseeds torch: seeding again here keeps LoRA's init the same with or without it.
+    set_seed(trial.training.seed)
     estimate = estimate_trial_memory(trial, model_info.path, device_type())
     peak = PeakMemory(model)
     data = trial.data
@@ -302,6 +345,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         "base_dir": str(base_dir.resolve()),
         "target_modules_resolved": targets,
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        **({"compute_dtype_reason": fastest_compute_dtype(device_type())[1]}
+           if trial.quantization.compute_dtype == "auto" else {}),
         "optimizer": resolve_optimizer(trial.training.optimizer),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": package_versions(),
@@ -316,12 +361,14 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
+        "load_seconds": load_seconds,
+        "baseline_seconds": baseline["seconds"] if baseline else 0.0,
         "train_seconds": train_seconds,
         "eval_seconds": eval_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
     metrics["memory_ratio"] = metrics["peak_memory_mb"] / metrics["memory_estimate_mb"]
-    return TrialOutcome(result.scores, metrics, provenance, adapter_dir, results_file, samples_file, curve)
+    return TrialOutcome(result.scores, metrics, provenance, adapter_dir, results_file, samples_file, curve, baseline)
 
 
 def write_eval_files(result: Any, out_dir: Path) -> tuple[Path, Path]:

@@ -1,0 +1,37 @@
+"""bench/anchor.py --quick: both sides run, and qsweep's profile adds up to what its trials logged."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_bench_prints_both_walls_their_ratio_and_a_profile(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "anchor.py"), "--quick", "--warm"],
+                          capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout)
+    anchor, cold, warm = out["anchor"], out["qsweep_cold_cache"], out["qsweep_warm_cache"]
+    assert out["ratio_qsweep_cold_cache_over_anchor"] == pytest.approx(cold["wall_s"] / anchor["wall_s"], abs=1e-3)
+    profile = cold["profile"]
+    assert profile["ray_start_s"] > 0
+    assert len(profile["trials"]) == 2 and all(t["outcome"] == "finished" for t in profile["trials"])
+    for trial in profile["trials"]:
+        assert trial["training_s"] > 0 and trial["lm_eval_s"] > 0 and trial["model_load_and_quantize_s"] > 0
+        assert trial["trial_wall_in_worker_s"] >= trial["training_s"] + trial["lm_eval_s"]
+    # The cold run scored both 4-bit types' baselines inside its trials; the warm one reused them.
+    assert sum(t["untuned_base_scored_in_trial_s"] > 0 for t in profile["trials"]) == 2
+    assert set(profile["baselines_from_cache"].values()) and all(
+        v.startswith("stored ") for v in profile["baselines_from_cache"].values())
+    assert all(v.startswith("reused ") for v in warm["profile"]["baselines_from_cache"].values())
+    assert all(t["untuned_base_scored_in_trial_s"] == 0 for t in warm["profile"]["trials"])
+    assert len(profile["mlflow_logging_per_trial_s"]) == 2
+    assert {"trials", "search_insight", "ray_shutdown"} <= set(profile["sweep_phases_s"])
