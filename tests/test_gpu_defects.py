@@ -203,27 +203,6 @@ def test_calibration_below_one_is_clamped_and_says_why():
     assert "below 1" in fitted.reason
 
 
-def test_calibrate_command_keeps_the_estimate_when_peaks_are_lower(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from qsweep import tracking
-    from qsweep.cli import app
-    from qsweep.resources.packing import calibration
-
-    monkeypatch.setenv("QSWEEP_CACHE", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    experiment_id = tracking.ensure_experiment(uri, "calib")
-    mlflow_client = tracking.client(uri)
-    for estimate, peak in ((1000.0, 600.0), (500.0, 450.0)):
-        run_id = tracking.start_run(mlflow_client, experiment_id, "t", {"qsweep.outcome": "finished"})
-        tracking.log_batch(mlflow_client, run_id, params={"provenance.device": "cuda"},
-                           metrics={"memory_estimate_mb": estimate, "peak_memory_mb": peak})
-    result = CliRunner().invoke(app, ["calibrate", "--tracking-uri", uri])
-    assert result.exit_code == 0, result.output
-    assert calibration("cuda") == 1.0
-    assert "kept at 1.0" in " ".join(result.output.split())
-
-
 # --- 5. scoring tasks are capped like trials -----------------------------------------------------
 
 # limits.memory_mb of 1 MiB: nothing can load under it, so an uncapped task is the one that succeeds.
