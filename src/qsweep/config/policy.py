@@ -39,7 +39,7 @@ def fastest_compute_dtype(device: Device) -> tuple[str, str]:
         choice = "bfloat16", "the CPU has AMX-BF16"
     else:
         choice = "float32", "the CPU has no AMX-BF16, so bf16 would be emulated"
-    logger.info("compute_dtype auto on %s -> %s (%s)", device, *choice)
+    logger.debug("compute_dtype auto on %s -> %s (%s)", device, *choice)
     return choice
 
 
