@@ -20,7 +20,8 @@ def test_quick_bench_prints_both_walls_their_ratio_and_a_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout)
     anchor, cold, warm = out["anchor"], out["qsweep_cold_cache"], out["qsweep_warm_cache"]
-    assert out["ratio_qsweep_cold_cache_over_anchor"] == pytest.approx(cold["wall_s"] / anchor["wall_s"], abs=1e-3)
+    # The walls are printed to 0.01 s and the ratio to 0.001: compare them at that precision.
+    assert out["ratio_qsweep_cold_cache_over_anchor"] == pytest.approx(cold["wall_s"] / anchor["wall_s"], rel=2e-3)
     profile = cold["profile"]
     assert profile["ray_start_s"] > 0
     assert len(profile["trials"]) == 2 and all(t["outcome"] == "finished" for t in profile["trials"])
