@@ -205,11 +205,26 @@ def test_calibration_below_one_is_clamped_and_says_why():
 
 # --- 5. scoring tasks are capped like trials -----------------------------------------------------
 
-# limits.memory_mb of 1 MiB: nothing can load under it, so an uncapped task is the one that succeeds.
+# limits.memory_mb of 1 MiB: nothing can quantize under it, so an uncapped task is the one that succeeds.
 TOO_SMALL_MB = 1
 
 
-def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict):
+@pytest.fixture
+def unquantized_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """qsweep's cache with the built models but no stored 4-bit base (train.quantized), so a task
+    quantizes its base, and allocates, under its cap."""
+    from qsweep.config.paths import cache_dir
+
+    built, fresh = cache_dir(), tmp_path / "cache"
+    fresh.mkdir()
+    for name in ("models", "hashes"):
+        if (built / name).exists():
+            (fresh / name).symlink_to(built / name)
+    monkeypatch.setenv("QSWEEP_CACHE", str(fresh))
+    return fresh
+
+
+def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict, unquantized_cache):
     from qsweep.orchestrate.stages import score_baseline
 
     trial = SweepConfig(**tiny_sweep_dict).trial().model_dump(mode="json")
@@ -220,7 +235,9 @@ def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict):
     assert bytearray(64 * MIB)
 
 
-def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path):
+def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path, unquantized_cache):
+    import shutil
+
     from qsweep.orchestrate.stages import score_final
     from qsweep.train.trial import run_trial
 
@@ -234,5 +251,6 @@ def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path):
     logged = yaml.safe_load((trial_dir / "config.yaml").read_text())
     logged["limits"]["memory_mb"] = TOO_SMALL_MB
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(logged))
+    shutil.rmtree(unquantized_cache / "quantized")
     with pytest.raises((MemoryError, RuntimeError, OSError)):
         score_final(str(trial_dir), {"limit": 2}, threads=1)

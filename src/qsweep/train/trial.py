@@ -21,8 +21,9 @@ from qsweep.evaluate import cache as evaluation_cache
 from qsweep.evaluate.harness import score
 from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
+from qsweep.train import quantized
 from qsweep.train.data import data_hash, tokenized_sets
-from qsweep.train.models import resolve_model
+from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
 
@@ -83,7 +84,8 @@ def bnb_config(quant: QuantizationConfig) -> Any:
 
 
 def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """The base model in 4 bit on this process's device, and its tokenizer (with a pad token)."""
+    """The base model in 4 bit on this process's device, and its tokenizer (with a pad token). On a
+    CPU, quantized once per machine and then loaded as stored (see train.quantized)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -93,13 +95,20 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
     # prepare_model_for_kbit_training makes them fp32 for training anyway, so the untuned base is
     # scored in the same precision as the trained adapters, and bf16 speeds up only the 4-bit matmuls.
     on_gpu = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        path,
-        quantization_config=bnb_config(quant),
-        dtype=resolve_compute_dtype(quant.compute_dtype) if on_gpu else torch.float32,
-        device_map={"": 0} if on_gpu else {"": "cpu"},
-        trust_remote_code=trust_remote_code,
-    )
+    bnb = bnb_config(quant)
+    stored = None if on_gpu or trust_remote_code else quantized.stored_folder(
+        quantized.quantized_key(content_hash(path), bnb))
+    model = quantized.load_stored(stored) if stored else None
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=bnb,
+            dtype=resolve_compute_dtype(quant.compute_dtype) if on_gpu else torch.float32,
+            device_map={"": 0} if on_gpu else {"": "cpu"},
+            trust_remote_code=trust_remote_code,
+        )
+        if stored:
+            quantized.store(model, stored)
     keep_cpu_weights_unpacked(model)
     return model, tokenizer
 
@@ -300,6 +309,9 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     baseline = score_untuned_base(untuned_base, base_dir) if untuned_base and not same_base else None
     load_started = time.perf_counter()
     model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    # Quantizing draws random numbers and loading a stored 4-bit base does not: LoRA's init must
+    # not depend on which of the two happened.
+    set_seed(trial.training.seed)
     model = attach_lora(
         model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
     )
