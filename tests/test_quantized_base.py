@@ -108,3 +108,14 @@ def test_an_unreadable_store_is_replaced_not_fatal(tiny_llama: Path, cache: Path
     assert_same_model(reference, model)
     again, _ = load_base(tiny_llama, quant)
     assert_same_model(reference, again)
+
+
+def test_a_base_loaded_to_be_saved_is_quantized_here_and_saves(tiny_llama: Path, cache: Path, tmp_path: Path, caplog):
+    quant = QuantizationConfig()
+    stored, _ = load_base(tiny_llama, quant)
+    load_base(tiny_llama, quant)
+    with caplog.at_level(logging.INFO, logger="qsweep"):
+        savable, _ = load_base(tiny_llama, quant, savable=True)
+    assert STORED not in caplog.text
+    savable.save_pretrained(tmp_path / "saved")
+    assert_same_model(stored, savable)

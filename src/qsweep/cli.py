@@ -7,6 +7,8 @@ few lines of argument handling around a call into its stage.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -23,6 +25,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="QLoRA hyperp
 # Piped output (logs, CI) would otherwise be squeezed into 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 200)
 errors = Console(stderr=True)
+
+# At exit the interpreter's last garbage collection walks every object torch, transformers and
+# peft created: 2.3 s after a sweep on two cores. Freezing them first leaves that walk nothing to
+# do; each object is still freed (reference counting) and every atexit handler still runs.
+atexit.register(gc.freeze)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -282,7 +289,8 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
     model_info = resolve_model(logged.trial.model.name, logged.trial.model.revision, base_dir)
     try:
         check_base(model_info.content_hash, logged.provenance)
-        model, tokenizer = load_base(model_info.path, logged.trial.quantization, logged.trial.model.trust_remote_code)
+        model, tokenizer = load_base(model_info.path, logged.trial.quantization, logged.trial.model.trust_remote_code,
+                                     savable=True)
         write_export(logged, model, tokenizer, dest)
     except (PublishError, ProvenanceError) as exc:
         fail([str(exc)])

@@ -83,9 +83,12 @@ def bnb_config(quant: QuantizationConfig) -> Any:
     )
 
 
-def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False) -> tuple[Any, Any]:
+def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False,
+              savable: bool = False) -> tuple[Any, Any]:
     """The base model in 4 bit on this process's device, and its tokenizer (with a pad token). On a
-    CPU, quantized once per machine and then loaded as stored (see train.quantized)."""
+    CPU, quantized once per machine and then loaded as stored (see train.quantized), unless the
+    caller will `save_pretrained` it: transformers 5 cannot save a model it loaded from a 4-bit
+    checkpoint (Bnb4bitDeserialize has no reverse op; huggingface/transformers#45743)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -96,7 +99,7 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
     # scored in the same precision as the trained adapters, and bf16 speeds up only the 4-bit matmuls.
     on_gpu = torch.cuda.is_available()
     bnb = bnb_config(quant)
-    stored = None if on_gpu or trust_remote_code else quantized.stored_folder(
+    stored = None if on_gpu or trust_remote_code or savable else quantized.stored_folder(
         quantized.quantized_key(content_hash(path), bnb))
     model = quantized.load_stored(stored) if stored else None
     if model is None:
