@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -193,59 +193,40 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     state = check_folder(sweep, str(sweep_file))
     resuming = state is not None and tune.Tuner.can_restore(str(folder / RAY_DIR))
     try:
-        with ray_started_beside(address) as ray:
+        with ray_started_beside(address) as ray_ready:
             if state is None:
                 experiment_id = tracking.ensure_experiment(sweep.tracking.uri, sweep.tracking.experiment)
                 state = SweepState(fingerprint(sweep), experiment_id,
                                    start_parent_run(sweep, sweep_file, experiment_id), sweep.tracking.uri)
                 write_state(folder, state)
-            ray.ready()
-            return _search(sweep, space, folder, state, resuming, ray.release)
+            ray_ready()
+            return _search(sweep, space, folder, state, resuming)
     finally:
         logger.info("sweep %s done", sweep.name)
 
 
-class RayBeside:
-    """A Ray started in a thread: `ready()` waits for it; `release()` shuts it down in that thread,
-    when this sweep started it (a library caller's Ray is left as it was)."""
-
-    def __init__(self, pool: ThreadPoolExecutor, address: str | None):
-        self.pool = pool
-        self.starting = pool.submit(connect_ray, address)
-        self.stopping: Future | None = None
-
-    def ready(self) -> None:
-        self.starting.result()
-
-    def release(self) -> None:
-        # Waits for a start still under way: Ray is never left half started.
-        if self.stopping is None and self.starting.exception() is None and self.starting.result():
-            self.stopping = self.pool.submit(self._shutdown)
-
-    @staticmethod
-    def _shutdown() -> None:
-        import ray
-
-        with timed_phase("ray_shutdown"):
-            ray.shutdown()
-
-
 @contextlib.contextmanager
-def ray_started_beside(address: str | None) -> Iterator[RayBeside]:
-    """Ray's processes come up (2.5-3.5 s on two cores) while the caller sets up MLflow, and go down
-    (about 1 s) while it writes the search insight and the report, instead of before and after."""
+def ray_started_beside(address: str | None) -> Iterator[Callable[[], None]]:
+    """Starts Ray in a thread and yields the call that waits for it: Ray's processes come up (2.5-3.5 s
+    on two cores) while the caller sets up MLflow, instead of after. At exit, shuts down the Ray it
+    started, from the main thread: a driver whose Ray was shut down from another thread was later
+    ended by Ray's core worker (exit status 1, no atexit) when the next Ray started in that process.
+    A library caller's Ray is left as it was."""
+    import ray
+
     if threading.current_thread() is threading.main_thread():
         # What ray.init does in the main thread only: SIGTERM exits through the finally blocks that
         # shut Ray down and close the sweep's MLflow runs.
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    with ThreadPoolExecutor(1, thread_name_prefix="ray") as pool:
-        ray = RayBeside(pool, address)
+    with ThreadPoolExecutor(1, thread_name_prefix="ray-start") as pool:
+        starting = pool.submit(connect_ray, address)
         try:
-            yield ray
+            yield lambda: starting.result() and None
         finally:
-            ray.release()
-            if ray.stopping is not None:
-                ray.stopping.result()
+            # Waits for a start still under way: Ray is never left half started.
+            if starting.exception() is None and starting.result():
+                with timed_phase("ray_shutdown"):
+                    ray.shutdown()
 
 
 def connect_ray(address: str | None) -> bool:
@@ -291,10 +272,8 @@ def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swe
     return _new_tuner(sweep, space, folder, machine, mirror, remaining, pending_baselines).fit(), earlier
 
 
-def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool,
-            release_ray: Callable[[], None]) -> SweepSummary:
-    """Baselines beside the trials, the trials, then deltas and the final stage, the last to need Ray
-    (`release_ray` then lets it go), then search insight and the report."""
+def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
+    """Baselines beside the trials, the trials, then deltas, the final stage, search insight and the report."""
     from qsweep.report import html as sweep_report
     from qsweep.train.models import resolve_model
 
@@ -316,7 +295,6 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
     with timed_phase("final_stage"):
         final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
-    release_ray()
     with timed_phase("search_insight"):
         log_search_insight(sweep, state, folder)
     with timed_phase("finish"):
