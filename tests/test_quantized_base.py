@@ -114,6 +114,7 @@ def test_a_base_loaded_to_be_saved_is_quantized_here_and_saves(tiny_llama: Path,
     quant = QuantizationConfig()
     stored, _ = load_base(tiny_llama, quant)
     load_base(tiny_llama, quant)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="qsweep"):
         savable, _ = load_base(tiny_llama, quant, savable=True)
     assert STORED not in caplog.text

@@ -85,10 +85,9 @@ def bnb_config(quant: QuantizationConfig) -> Any:
 
 def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False,
               savable: bool = False) -> tuple[Any, Any]:
-    """The base model in 4 bit on this process's device, and its tokenizer (with a pad token). On a
-    CPU, quantized once per machine and then loaded as stored (see train.quantized), unless the
-    caller will `save_pretrained` it: transformers 5 cannot save a model it loaded from a 4-bit
-    checkpoint (Bnb4bitDeserialize has no reverse op; huggingface/transformers#45743)."""
+    """The base in 4 bit on this process's device, and its tokenizer (with a pad token). On a CPU,
+    quantized once per machine, then loaded as stored (train.quantized), unless `savable`: transformers
+    5 cannot save a model loaded from a 4-bit checkpoint (huggingface/transformers#45743)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
