@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 import yaml
+from benchlib import machine
 
 REPO = Path(__file__).resolve().parent.parent
 ZORBLE = REPO / "evaluation" / "tasks" / "zorble"
@@ -61,6 +62,7 @@ def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
         TrainingArguments,
     )
 
+    from qsweep.config.policy import fastest_compute_dtype
     from qsweep.train.data import load_rows, tokenize_rows
     from qsweep.train.models import resolve_model
 
@@ -71,8 +73,9 @@ def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
                                         PROMPT, COMPLETION, MAX_LENGTH)
     train_set, eval_set = encode("train.jsonl"), encode("validation.jsonl")
     plan = configs(trials)
-    # bf16 compute where the CPU has AMX-BF16 (or on CUDA), as a user tuning by hand would pick.
-    dtype = torch.bfloat16 if _has_amx() or torch.cuda.is_available() else torch.float32
+    # The fastest compute dtype the machine runs natively, as a user tuning by hand would pick it
+    # (bf16 on a CPU with AMX-BF16 or on CUDA): the same rule as qsweep's `auto`, so both sides match.
+    dtype = getattr(torch, fastest_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")[0])
 
     def pick(trial) -> dict:
         # transformers calls model_init before hp_space; optuna returns the same value to both.
@@ -103,13 +106,6 @@ def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
             sampler=optuna.samplers.GridSampler({"config": list(range(len(plan)))}, seed=0),
         )
     print(json.dumps({"best_eval_loss": best.objective, "compute_dtype": str(dtype)}))
-
-
-def _has_amx() -> bool:
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def sweep_file(folder: Path, model: str, trials: int, steps: int, batch: int) -> Path:
@@ -280,15 +276,6 @@ def run_qsweep(folder: Path, args: argparse.Namespace, env: dict) -> dict:
     if run.returncode != 0:
         sys.exit(f"qsweep run failed:\n{run.stderr[-4000:]}")
     return {"wall_s": round(wall, 2), "profile": qsweep_profile(folder, run.stderr, started, wall)}
-
-
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    names = re.findall(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text())
-    return f"{names[0] if names else 'cpu'} ({os.cpu_count()} cores)"
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import emit, machine
 
 MODELS = {"llama-1b": "random-llama-1b", "llama-8b": "random-llama-8b"}
 
@@ -108,16 +109,6 @@ def run_group(count: int, rows: int, args: argparse.Namespace, folder: Path) -> 
     return results
 
 
-def machine() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                       if line.startswith("model name")), platform.processor())
-    return f"{model_name} ({os.cpu_count()} cores)"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama", help="a qsweep model, or llama-1b / llama-8b")
@@ -167,11 +158,7 @@ def main() -> None:
               # Other work on the machine skews step times; a load well above the core count makes them noise.
               "load_average_1m_at_end": os.getloadavg()[0],
               "reading": "ratio = shared step / K-process step, same K x B rows; below 1, a shared base is faster"}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

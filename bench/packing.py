@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import yaml
+from benchlib import emit
 
 REPO = Path(__file__).resolve().parent.parent
 ZORBLE = REPO / "evaluation" / "tasks" / "zorble"
@@ -282,11 +283,7 @@ def main() -> None:
         "ratio_tokens_per_second": packed["tokens_per_second_summed"] / max(serial["tokens_per_second_summed"], 1e-9),
         "goals": goals(serial, packed) if gpu else None,
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

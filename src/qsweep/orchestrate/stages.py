@@ -173,7 +173,8 @@ def finish_baselines(sweep: SweepConfig, job: BaselineJob, parent_run_id: str, t
             job.scores[quant] = evaluation_cache.load(key)["scores"]
             continue
         job.scores[quant], seconds[quant] = outcome["scores"], outcome["seconds"]
-        evaluation_cache.store(key, ingredients, outcome["scores"], outcome["items"])
+        if quant in refs:  # a trial that scored a baseline cached it itself (train.trial.score_untuned_base)
+            evaluation_cache.store(key, ingredients, outcome["scores"], outcome["items"])
         logger.info("baseline %s scored in %.1f s (%s) and cached under key %s", quant, outcome["seconds"],
                     "in a separate task" if quant in refs else "by a trial", key)
     log_baselines(sweep.tracking.uri, parent_run_id, job.scores, sweep.quantization.quant_type)

@@ -206,7 +206,7 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
 
 
 @contextlib.contextmanager
-def ray_started_beside(address: str | None) -> Iterator[Callable[[], None]]:
+def ray_started_beside(address: str | None) -> Iterator[Callable[[], bool]]:
     """Starts Ray in a thread and yields the call that waits for it: Ray's processes come up (2.5-3.5 s
     on two cores) while the caller sets up MLflow, instead of after. At exit, shuts down the Ray it
     started, from the main thread: a driver whose Ray was shut down from another thread was later
@@ -221,7 +221,7 @@ def ray_started_beside(address: str | None) -> Iterator[Callable[[], None]]:
     with ThreadPoolExecutor(1, thread_name_prefix="ray-start") as pool:
         starting = pool.submit(connect_ray, address)
         try:
-            yield lambda: starting.result() and None
+            yield starting.result
         finally:
             # Waits for a start still under way: Ray is never left half started.
             if starting.exception() is None and starting.result():

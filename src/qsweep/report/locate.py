@@ -13,7 +13,7 @@ from pathlib import Path
 from qsweep import tracking
 from qsweep.config.schema import load_sweep
 from qsweep.report.leaderboard import latest_experiment, latest_sweep_run
-from qsweep.tracking.state import output_folder, read_state
+from qsweep.tracking.state import folder_for, output_folder, read_state
 
 
 class LocateError(ValueError):
@@ -40,7 +40,7 @@ def folder_of(parent_params: dict[str, str], parent_run_id: str) -> Path | None:
     """The output folder as the sweep resolved it, when it is here and belongs to this parent run."""
     if "output_dir" not in parent_params or "name" not in parent_params:
         return None
-    folder = (Path(parent_params["output_dir"]).expanduser() / parent_params["name"]).resolve()
+    folder = folder_for(parent_params["output_dir"], parent_params["name"])
     state = read_state(folder)
     return folder if state is not None and state.parent_run_id == parent_run_id else None
 

@@ -32,7 +32,12 @@ class SweepState:
 def output_folder(sweep: SweepConfig) -> Path:
     """Under the working directory (like the default sqlite file), never beside the sweep file,
     which may sit inside the installed package."""
-    return (Path(sweep.output_dir).expanduser() / sweep.name).resolve()
+    return folder_for(sweep.output_dir, sweep.name)
+
+
+def folder_for(output_dir: str, name: str) -> Path:
+    """A sweep's folder from its `output_dir` and `name`, as a sweep file or its logged params give them."""
+    return (Path(output_dir).expanduser() / name).resolve()
 
 
 def fingerprint(sweep: SweepConfig) -> str:

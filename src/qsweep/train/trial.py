@@ -301,7 +301,6 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     cap_process(trial.limits.memory_mb)
-    set_seed(trial.training.seed)
     model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
     targets = resolve_target_modules(
         trial.lora.target_modules, linear_module_names(model_info.path, trial.model.trust_remote_code)
@@ -311,8 +310,9 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     baseline = score_untuned_base(untuned_base, base_dir) if untuned_base and not same_base else None
     load_started = time.perf_counter()
     model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
-    # Quantizing draws random numbers and loading a stored 4-bit base does not: LoRA's init must
-    # not depend on which of the two happened.
+    # Seeded here, right before LoRA's init: quantizing draws random numbers and loading a stored
+    # 4-bit base does not, and the untuned base's scoring (lm-eval reseeds) may come before or after.
+    # The Trainer seeds again itself (args.seed) before training.
     set_seed(trial.training.seed)
     model = attach_lora(
         model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
@@ -321,8 +321,6 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     load_seconds = time.perf_counter() - load_started
     if same_base:
         baseline = score_untuned_base(untuned_base, base_dir, model, tokenizer)
-    # lm-eval reseeds torch: seeding again here keeps LoRA's init the same with or without it.
-    set_seed(trial.training.seed)
     estimate = estimate_trial_memory(trial, model_info.path, device_type())
     peak = PeakMemory(model)
     data = trial.data
