@@ -1,4 +1,4 @@
-"""evaluate.flatten_scores and local lm-eval task discovery (no model, no lm-eval run)."""
+"""evaluate.flatten_scores, local lm-eval task discovery, and what scoring does once per process."""
 
 from __future__ import annotations
 
@@ -160,3 +160,24 @@ def test_the_weighted_objective_is_computed_as_documented():
         (0.6 - 0.5 * 20.0) / 1.5)
     with pytest.raises(KeyError, match="search.weights"):
         objective_value({"mmlu/acc": 0.5}, search)
+
+
+def test_the_environment_report_is_built_once_a_process(tiny_llama):
+    """lm-eval puts torch's environment report (a `pip list` in a subprocess) into every result: the
+    second scoring in a process gets the same report without building it again."""
+    from torch.utils import collect_env
+
+    from qsweep.config.schema import EvaluationConfig, QuantizationConfig
+    from qsweep.evaluate.harness import score
+    from qsweep.train.trial import load_base
+
+    model, tokenizer = load_base(tiny_llama, QuantizationConfig())
+    evaluation = EvaluationConfig(tasks=["zorble"], limit=4)
+    first = score(model, tokenizer, evaluation, REPO)
+    built = collect_env.get_pretty_env_info.cache_info()
+    second = score(model, tokenizer, evaluation, REPO)
+    assert "PyTorch version" in second.raw["pretty_env_info"]
+    assert second.raw["pretty_env_info"] == first.raw["pretty_env_info"]
+    assert collect_env.get_pretty_env_info.cache_info().misses == built.misses
+    assert collect_env.get_pretty_env_info.cache_info().hits == built.hits + 1
+    assert second.scores == first.scores

@@ -15,11 +15,12 @@ from qsweep.resources.packing import (
     check_fits,
     extreme_trials,
     fit_calibration,
+    on_cpu_ladder,
     resources_for,
     save_calibration,
     trial_estimate,
 )
-from qsweep.search.space import ParamSpec, SearchSpace
+from qsweep.search.space import ParamSpec, SearchSpace, apply_params
 
 H100 = Machine("cuda", 80 * 1024)
 
@@ -50,6 +51,18 @@ def test_a_fixed_gpu_share_is_kept_when_asked(tiny_sweep_dict, tiny_llama):
 def test_on_a_cpu_the_request_is_rays_memory_resource(tiny_sweep_dict, tiny_llama):
     request = resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, Machine("cpu", 24 * 1024))({})
     assert set(request) == {"cpu", "memory"} and request["memory"] > 0
+
+
+def test_on_a_cpu_trials_of_about_the_same_size_ask_alike(tiny_sweep_dict, tiny_llama):
+    """Ray Tune reuses a worker process only for a trial asking for exactly the same resources."""
+    request = resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, Machine("cpu", 24 * 1024))
+    asked = {r: request({"lora.r": r})["memory"] / 2**20 for r in (4, 8, 16, 512)}
+    budgets = {r: budget_mb(trial_estimate(apply_params(SweepConfig(**tiny_sweep_dict).trial(), {"lora.r": r}),
+                                           tiny_llama, "cpu")) for r in asked}
+    for r, request_mb in asked.items():
+        assert budgets[r] <= request_mb <= budgets[r] * 2 ** (1 / 4) + 1e-6, (r, budgets[r], request_mb)
+    assert asked[4] == asked[8] == asked[16] < asked[512]
+    assert on_cpu_ladder(on_cpu_ladder(1000.0)) == pytest.approx(on_cpu_ladder(1000.0))
 
 
 def test_extremes_of_the_space_bracket_the_baseline(tiny_sweep_dict, tiny_llama):

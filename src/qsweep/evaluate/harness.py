@@ -191,6 +191,16 @@ def _available_memory_bytes() -> int:
     return 4 * 2**30
 
 
+def report_environment_once() -> None:
+    """lm-eval adds torch's environment report to every result, and torch builds it anew each time:
+    `pip list` and probes for CUDA tools, in subprocesses (0.5 s a scoring on two cores, a sixth of
+    scoring a trial). What it reports cannot change within a process, so it is built once here."""
+    from torch.utils import collect_env
+
+    if not hasattr(collect_env.get_pretty_env_info, "cache_info"):
+        collect_env.get_pretty_env_info = functools.cache(collect_env.get_pretty_env_info)
+
+
 def evaluate_model(
     model: Any,
     tokenizer: Any,
@@ -218,6 +228,7 @@ def evaluate_model(
     if batch_size == "auto":
         batch_size = auto_batch_size(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
+    report_environment_once()
     raw = simple_evaluate(
         model=lm,
         tasks=specs,

@@ -12,9 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +23,7 @@ from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
 from qsweep.orchestrate import stages
 from qsweep.orchestrate.cluster import cluster_machine
+from qsweep.orchestrate.driver import ray_started_beside, timed_phase
 from qsweep.orchestrate.live import LiveView
 from qsweep.resources.packing import Machine, resources_for
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
@@ -56,35 +54,75 @@ class SweepSummary:
     final: dict[str, Any] | None = None
 
 
-def _log_to_file(path: Path) -> logging.Handler:
-    """The trial's own log: its last lines go to MLflow when the trial fails."""
+TRIAL_LOGGERS = ("qsweep", "transformers", "peft", "lm_eval")
+
+
+@contextlib.contextmanager
+def trial_log(path: Path) -> Iterator[None]:
+    """The trial's own log: its last lines go to MLflow when the trial fails. Closed when the trial
+    ends, so the next trial Ray gives this worker process writes only to its own."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("qsweep", "transformers", "peft", "lm_eval"):
+    for name in TRIAL_LOGGERS:
         logging.getLogger(name).addHandler(handler)
     logging.getLogger("qsweep").setLevel(logging.INFO)
-    return handler
+    try:
+        yield
+    finally:
+        for name in TRIAL_LOGGERS:
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+# Start-up is paid once per worker process: Ray Tune hands a finished trial's process to the next
+# trial that asks for the same resources (reuse_actors).
+_worker_started = False
+
+
+def worker_setup_seconds() -> float:
+    """The worker's own start-up (process, imports) for the first trial in this process, else 0:
+    what a profile needs to tell start-up from the trial's own work."""
+    import psutil
+
+    global _worker_started
+    if _worker_started:
+        return 0.0
+    _worker_started = True
+    return time.time() - psutil.Process().create_time()
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
                 search: dict[str, Any], threads: int, pending_baselines: dict[str, dict[str, Any]]) -> None:
-    """The Ray Tune trainable: one trial in its own Ray worker process."""
-    import psutil
+    """The Ray Tune trainable: one trial in a Ray worker process, which Ray Tune may reuse for a later
+    trial once this one has given back its memory and its cap."""
     import torch
+    from ray import tune
+
+    from qsweep.resources.caps import give_back_memory, release_cap
+
+    setup_seconds = worker_setup_seconds()
+    torch.set_num_threads(max(1, threads))
+    trial = apply_params(TrialConfig(**base), params)
+    out_dir = Path(trials_root) / tune.get_context().get_trial_id()
+    try:
+        with trial_log(out_dir / TRIAL_LOG):
+            logger.info("config: %s", params)
+            _train_and_report(trial, base_dir, out_dir, SearchConfig(**search), pending_baselines, setup_seconds)
+    finally:
+        # Also when ASHA stops the trial: Ray Tune ends it by raising SystemExit in its report call.
+        release_cap()
+        give_back_memory()
+
+
+def _train_and_report(trial: TrialConfig, base_dir: str, out_dir: Path,
+                      search_config: SearchConfig, pending_baselines: dict[str, dict[str, Any]],
+                      setup_seconds: float) -> None:
     from ray import tune
 
     from qsweep.resources.caps import release_cap
     from qsweep.train.trial import run_trial
 
-    torch.set_num_threads(max(1, threads))
-    trial = apply_params(TrialConfig(**base), params)
-    out_dir = Path(trials_root) / tune.get_context().get_trial_id()
-    _log_to_file(out_dir / TRIAL_LOG)
-    logger.info("config: %s", params)
-    search_config = SearchConfig(**search)
-    # The worker's own start-up (process, imports), so a profile can tell it from the trial's work.
-    setup_seconds = time.time() - psutil.Process().create_time()
     try:
         untuned_base = stages.untuned_base_for(trial, pending_baselines, Path(base_dir))
         outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base)
@@ -169,8 +207,7 @@ def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Ma
             search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
             scheduler=build_scheduler(sweep),
             num_samples=num_samples,
-            # A fresh process per trial: its peak memory is its own, and a crash takes nobody else.
-            reuse_actors=False,
+            reuse_actors=reuse_workers(sweep, space, machine),
         ),
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror, LiveView(sweep, folder, machine)],
@@ -179,6 +216,19 @@ def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Ma
             failure_config=tune.FailureConfig(max_failures=RETRIES_ON_LOST_WORKER),
         ),
     )
+
+
+def reuse_workers(sweep: SweepConfig, space: SearchSpace, machine: Machine) -> bool:
+    """Whether a finished trial's worker process runs the next trial that asks for the same resources:
+    its start-up and imports (about 5 s of a core per trial) are then paid once per process. Each
+    trial still measures its own peak (train.trial.PeakMemory resets it), sets its own cap and gives
+    back its memory when it ends (train_trial), and a crash still ends one trial only.
+
+    Not where a trial may have a CPU cap (limits.memory_mb on a CPU): RLIMIT_DATA counts the heap's
+    size, which an earlier trial in the process has already grown, so a trial could use that heap's
+    free room uncounted. A CUDA cap counts what torch holds, which each trial empties."""
+    may_cap = sweep.limits.memory_mb is not None or "limits.memory_mb" in space.params
+    return machine.device == "cuda" or not may_cap
 
 
 def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address: str | None = None) -> SweepSummary:
@@ -193,59 +243,16 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     state = check_folder(sweep, str(sweep_file))
     resuming = state is not None and tune.Tuner.can_restore(str(folder / RAY_DIR))
     try:
-        with ray_started_beside(address) as ray_ready:
+        with ray_started_beside(address) as ray_start:
             if state is None:
                 experiment_id = tracking.ensure_experiment(sweep.tracking.uri, sweep.tracking.experiment)
                 state = SweepState(fingerprint(sweep), experiment_id,
                                    start_parent_run(sweep, sweep_file, experiment_id), sweep.tracking.uri)
                 write_state(folder, state)
-            ray_ready()
-            return _search(sweep, space, folder, state, resuming)
+            ray_start.ready()
+            return _search(sweep, space, folder, state, resuming, ray_start.stop)
     finally:
         logger.info("sweep %s done", sweep.name)
-
-
-@contextlib.contextmanager
-def ray_started_beside(address: str | None) -> Iterator[Callable[[], bool]]:
-    """Starts Ray in a thread and yields the call that waits for it: Ray's processes come up (2.5-3.5 s
-    on two cores) while the caller sets up MLflow, instead of after. At exit, shuts down the Ray it
-    started, from the main thread: a driver whose Ray was shut down from another thread was later
-    ended by Ray's core worker (exit status 1, no atexit) when the next Ray started in that process.
-    A library caller's Ray is left as it was."""
-    import ray
-
-    if threading.current_thread() is threading.main_thread():
-        # What ray.init does in the main thread only: SIGTERM exits through the finally blocks that
-        # shut Ray down and close the sweep's MLflow runs.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-    with ThreadPoolExecutor(1, thread_name_prefix="ray-start") as pool:
-        starting = pool.submit(connect_ray, address)
-        try:
-            yield starting.result
-        finally:
-            # Waits for a start still under way: Ray is never left half started.
-            if starting.exception() is None and starting.result():
-                with timed_phase("ray_shutdown"):
-                    ray.shutdown()
-
-
-def connect_ray(address: str | None) -> bool:
-    """Joins the cluster at `address` or starts a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    started = time.perf_counter()
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-        # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
-        # by what was freed, not by what is in use. Blocks of 4 MiB and more (logits, weights) are
-        # mmapped and go back when freed; mmapping smaller ones too (activations) made a training
-        # step 1.7x slower (SmolLM2-135M, batch 8: 1.9 s at a 128 KiB threshold vs 1.1 s at 4 MiB).
-        "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
-    }})
-    logger.info("ray started in %.1f s", time.perf_counter() - started)
-    return True
 
 
 def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine,
@@ -272,9 +279,10 @@ def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swe
     return _new_tuner(sweep, space, folder, machine, mirror, remaining, pending_baselines).fit(), earlier
 
 
-def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool) -> SweepSummary:
-    """Baselines beside the trials, the trials, then deltas, the final stage, search insight and the report."""
-    from qsweep.report import html as sweep_report
+def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool,
+            stop_ray: Callable[[], None]) -> SweepSummary:
+    """Baselines beside the trials, the trials, then deltas, the final stage, search insight and the
+    report; `stop_ray` is called once Ray is no longer needed."""
     from qsweep.train.models import resolve_model
 
     with timed_phase("setup"):
@@ -295,22 +303,27 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
     with timed_phase("final_stage"):
         final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+    # Nothing needs Ray from here on: it goes down (from this, the main thread) while the search
+    # insight and the report are written, instead of after them.
+    with ThreadPoolExecutor(1, thread_name_prefix="wrap-up") as pool:
+        wrapping_up = pool.submit(wrap_up, sweep, state, folder, list(grid), baselines, final, earlier)
+        stop_ray()
+        return wrapping_up.result()
+
+
+def wrap_up(sweep: SweepConfig, state: SweepState, folder: Path, results: list, baselines: dict[str, dict[str, float]],
+            final: dict[str, Any], earlier: Tried) -> SweepSummary:
+    """Search insight, the parent run's summary, and the report."""
+    from qsweep.report import html as sweep_report
+
     with timed_phase("search_insight"):
         log_search_insight(sweep, state, folder)
     with timed_phase("finish"):
-        summary = finish_parent_run(sweep, state, grid, baselines.get(sweep.quantization.quant_type, {}), final,
+        summary = finish_parent_run(sweep, state, results, baselines.get(sweep.quantization.quant_type, {}), final,
                                     earlier)
     with timed_phase("report"):
         sweep_report.publish_at_end(sweep.tracking.uri, state.parent_run_id, folder)
     return summary
-
-
-@contextlib.contextmanager
-def timed_phase(name: str) -> Iterator[None]:
-    """Logs how long a phase of the sweep took: where the time goes (bench/anchor.py reads these)."""
-    started = time.perf_counter()
-    yield
-    logger.info("phase %s took %.1f s", name, time.perf_counter() - started)
 
 
 def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> None:

@@ -63,6 +63,28 @@ def cap_process(memory_mb: float | None) -> None:
 
 
 def release_cap() -> None:
-    """Lifts the CPU cap again, so a process that hit it can still report its own failure."""
+    """Lifts the cap again: a process that hit it can still report its own failure, and the next
+    trial or task Ray gives this worker process starts uncapped (it sets its own cap)."""
     hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
     resource.setrlimit(resource.RLIMIT_DATA, (hard, hard))
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def give_back_memory() -> None:
+    """Returns what a finished trial freed, so the next trial in this worker process starts from the
+    same footing as in a fresh one: its CPU peak (growth of the resident set) and its cap count its
+    own memory, not heap pages glibc kept from the last trial, and CUDA's cache goes back to the card."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    try:
+        # glibc keeps freed heap pages resident; nothing in Python or torch hands them back.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

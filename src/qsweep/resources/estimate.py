@@ -24,7 +24,7 @@ the CUDA-only terms (context, one-byte dropout masks) are not measured.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from qsweep.config.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.config.schema import TrialConfig
+from qsweep.train import structure
 from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
@@ -132,6 +133,14 @@ class ModelShape:
 
 @lru_cache(maxsize=16)
 def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape:
+    """The model's shape, read once per machine (train.structure)."""
+    stored = structure.read_once("shape", model_path, trust_remote_code,
+                                 lambda: asdict(read_model_shape(model_path, trust_remote_code)))
+    layers = {key: tuple(_Linear(**layer) for layer in stored[key]) for key in ("quantized", "linears")}
+    return ModelShape(**{**stored, **layers, "input_group": tuple(tuple(pair) for pair in stored["input_group"])})
+
+
+def read_model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape:
     """Builds the model on the meta device from config.json and sorts its parameters the way
     transformers' bitsandbytes integration will, using its own skip rules so they cannot drift."""
     import torch

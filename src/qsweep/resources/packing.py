@@ -113,7 +113,21 @@ def resource_request(estimate: MemoryEstimate, machine: Machine, cpus: float) ->
     if machine.device == "cuda":
         share = (budget_mb(estimate) + estimate.runtime_overhead) / machine.memory_mb
         return {"cpu": cpus, "gpu": ray_share(share)}
-    return {"cpu": cpus, "memory": math.ceil(budget_mb(estimate) * 2**20)}
+    return {"cpu": cpus, "memory": math.ceil(on_cpu_ladder(budget_mb(estimate)) * 2**20)}
+
+
+# Ray Tune hands a finished trial's worker process to the next trial only when both ask for exactly
+# the same resources (reuse_actors). On a CPU, where that saves each trial its start-up and imports,
+# a memory request is rounded up to the next rung of a ladder of quarter octaves: trials of about the
+# same size (LoRA ranks 4 to 32 of one model) then ask alike, for at most 19% more than their budget,
+# where the CPU estimate is already 1.7-2.8x the measured peaks. GPU shares stay exact: packing the
+# card is the point there, and a GPU trial runs for minutes.
+CPU_LADDER = 2 ** (1 / 4)
+
+
+def on_cpu_ladder(mb: float) -> float:
+    """`mb` rounded up to the next rung of the CPU ladder (its rungs are 2^(k/4) MiB)."""
+    return CPU_LADDER ** math.ceil(math.log(max(mb, 1.0), CPU_LADDER) - 1e-9)
 
 
 def ray_share(share: float) -> float:

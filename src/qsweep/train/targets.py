@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from qsweep.train import structure
+
 PRESETS = ("attention", "mlp", "all-linear")
 ATTENTION_PARENTS = ("attn", "attention")
 MLP_PARENTS = ("mlp", "feed_forward", "ffn", "ffw")
@@ -43,8 +45,11 @@ def is_lora_candidate(model: Any, name: str, module: Any) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _linear_module_names(model_path: Path, trust_remote_code: bool) -> tuple[str, ...]:
-    model = meta_model(model_path, trust_remote_code)
-    return tuple(name for name, module in model.named_modules() if is_lora_candidate(model, name, module))
+    def read() -> list[str]:
+        model = meta_model(model_path, trust_remote_code)
+        return [name for name, module in model.named_modules() if is_lora_candidate(model, name, module)]
+
+    return tuple(structure.read_once("linear-names", model_path, trust_remote_code, read))
 
 
 def linear_module_names(model_path: Path, trust_remote_code: bool = False) -> list[str]:
