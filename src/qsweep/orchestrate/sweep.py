@@ -335,11 +335,11 @@ def log_search_insight(sweep: SweepConfig, state: SweepState, folder: Path) -> N
                                 folder / "search_insight", metric=sweep.search.metric)
 
 
-def finish_parent_run(sweep: SweepConfig, state: SweepState, grid: Any, baseline: dict[str, float],
+def finish_parent_run(sweep: SweepConfig, state: SweepState, results: list, baseline: dict[str, float],
                       final: dict[str, Any], earlier: Tried) -> SweepSummary:
-    """`earlier`: the outcomes of trials a driver that died before Ray saved its state ran."""
+    """`results`: Ray Tune's, one per trial; `earlier`: the outcomes of trials a driver that died
+    before Ray saved its state ran."""
     mlflow_client = tracking.client(sweep.tracking.uri)
-    results = list(grid)
     finished = [r for r in results if r.error is None and r.metrics and OBJECTIVE in r.metrics]
     failed = [r for r in results if r.error is not None or (r.metrics and FAILED in r.metrics)]
     stopped = len(results) - len(finished) - len(failed) + earlier.stopped
