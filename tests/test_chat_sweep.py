@@ -154,6 +154,29 @@ def test_how_prompts_are_written_is_part_of_the_evaluation_cache_key(chat_sweep:
     assert key({"apply_chat_template": True}) == chat
 
 
+@pytest.mark.parametrize("evaluation", [
+    {"apply_chat_template": True, "system_instruction": "Be brief, it's late."},
+    {"apply_chat_template": True, "fewshot_as_multiturn": False},
+    {},
+])
+def test_the_exported_cards_lm_eval_command_scores_as_the_trial_was(evaluation: dict, monkeypatch):
+    import shlex
+    import sys
+
+    from lm_eval._cli import HarnessCLI
+
+    from qsweep.config.schema import EvaluationConfig
+    from qsweep.report.publish import chat_flags
+
+    config = EvaluationConfig(**evaluation)
+    command = f"lm_eval --model hf --tasks zorble{chat_flags(config)}"
+    monkeypatch.setattr(sys, "argv", shlex.split(command))
+    args = HarnessCLI().parse_args()
+    assert bool(getattr(args, "apply_chat_template", False)) == config.apply_chat_template
+    assert getattr(args, "system_instruction", None) == config.system_instruction
+    assert getattr(args, "fewshot_as_multiturn", None) == config.fewshot_as_multiturn  # unset: lm-eval's default
+
+
 @pytest.mark.slow
 def test_a_conversational_sweep_trains_and_scores_with_the_chat_template(chat_sweep: dict, tmp_path: Path,
                                                                          sweep_bench, monkeypatch):
