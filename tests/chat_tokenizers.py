@@ -5,7 +5,8 @@
 - markers: Llama 3's template with `{% generation %}` markers (as TRL's llama3_training.jinja), so
   `return_assistant_tokens_mask` gives transformers' own assistant mask to compare with.
 - reasoning: Qwen3's habit: only the last assistant turn carries its (empty) `<think>` block, so a
-  conversation rendered up to an earlier turn is not the start of the whole one.
+  conversation rendered up to an earlier turn is not the start of the whole one; reasoning_markers:
+  the same with `{% generation %}` markers.
 - header: a generation prompt (`<|assistant|>\n`) that differs from how an assistant turn is written.
 """
 
@@ -41,6 +42,15 @@ REASONING = (
     "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}"
     "{%- if loop.last %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
     "{{- message.content + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# The same with each assistant turn in a `{% generation %}` block (as TRL's qwen3_training.jinja).
+REASONING_MARKERS = (
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\n' }}{%- generation %}"
+    "{%- if loop.last %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{{- message.content + '<|im_end|>\n' }}{%- endgeneration %}"
     "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
     "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
@@ -93,5 +103,6 @@ TOKENIZERS = {
     "chatml": chatml,
     "markers": lambda: llama3(LLAMA3_MARKERS),
     "reasoning": lambda: chatml(REASONING),
+    "reasoning_markers": lambda: chatml(REASONING_MARKERS),
     "header": phi,
 }

@@ -83,13 +83,29 @@ def test_tokens_are_apply_chat_templates_and_the_loss_is_on_every_assistant_turn
         assert trained_runs(tokenizer, item) == [a + END_OF_TURN[name] for a in answers]
 
 
-def test_the_mask_equals_transformers_generation_markers():
+def test_masks_from_rendered_prefixes_equal_transformers_generation_markers():
+    """A template without markers is masked from its prefixes; on one with markers, that computation
+    must give transformers' own assistant mask."""
     tokenizer = TOKENIZERS["markers"]()
-    item = tokenize_rows(rows(CONVERSATION), tokenizer, max_length=512)[0]
     oracle = tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
                                            return_assistant_tokens_mask=True)
     assert sum(oracle["assistant_masks"]) > 0
+    full = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans = chat.tokens_of(offsets, chat.turn_characters(tokenizer, CONVERSATION, [2, 4], None, full))
+    assert chat.labels_of([1] * len(offsets), spans) == [1 if bit else -100 for bit in oracle["assistant_masks"]]
+    item = tokenize_rows(rows(CONVERSATION), tokenizer, max_length=512)[0]  # masked from the markers
     assert [int(label != -100) for label in item["labels"]] == list(oracle["assistant_masks"])
+
+
+def test_a_template_with_markers_trains_every_turn_even_where_prefixes_differ():
+    tokenizer = TOKENIZERS["reasoning_markers"]()
+    item = tokenize_rows(rows(CONVERSATION), tokenizer, max_length=512)[0]
+    assert item["input_ids"] == oracle_ids(tokenizer, CONVERSATION)
+    assert trained_runs(tokenizer, item) == [ANSWERS[0] + "<|im_end|>\n",
+                                             "<think>\n\n</think>\n\n" + ANSWERS[1] + "<|im_end|>\n"]
+    last = tokenize_rows(rows(CONVERSATION), tokenizer, max_length=512, train_on="last_assistant")[0]
+    assert trained_runs(tokenizer, last) == trained_runs(tokenizer, item)[1:]
 
 
 def test_train_on_last_assistant_learns_only_the_last_turn():

@@ -49,8 +49,9 @@ def _shape_problem(row: dict[str, Any], kind: str, column: str | None) -> str | 
         value = row.get(name)
         if not chat.is_conversation(value):
             return f"its {name!r} is not a list of {{role, content}} messages"
-        if bad := [str(n) for n, m in enumerate(value, 1) if not isinstance(m.get("content"), str)
-                   or not isinstance(m.get("role"), str)]:
+        # An assistant message that calls tools may have no content (OpenAI's and TRL's format).
+        if bad := [str(n) for n, m in enumerate(value, 1) if not isinstance(m.get("role"), str)
+                   or not (isinstance(m.get("content"), str) or m.get("tool_calls"))]:
             return f"message(s) {', '.join(bad)} of its {name!r} lack a text role or content"
     return None
 

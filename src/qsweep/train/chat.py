@@ -1,16 +1,18 @@
 """Conversations rendered with the model's chat template, the loss on the assistant's turns.
 
 A row's tokens are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`. The loss mask
-comes from the template itself: an assistant turn starts where the conversation before it ends,
-rendered with the generation prompt (what the model is given when it is used), and ends where the
-conversation up to and including that turn ends, so its end-of-turn token, as the template writes
-it, is trained on and the model learns to stop. Those character spans become tokens through the
-fast tokenizer's offsets, the way transformers turns `{% generation %}` markers into
-`return_assistant_tokens_mask`; markers would do it all, but few templates have them.
+comes from the template itself. A template with `{% generation %}` markers says which tokens are
+the assistant's, and transformers' `return_assistant_tokens_mask` gives them. Most templates have
+none; then an assistant turn starts where the conversation before it ends, rendered with the
+generation prompt (what the model is given when it is used), and ends where the conversation up to
+and including that turn ends, so its end-of-turn token, as the template writes it, is trained on
+and the model learns to stop. Those character spans become tokens through the fast tokenizer's
+offsets, the way transformers turns markers into its mask.
 
 A prefix rendered on its own is not always the start of the whole conversation (templates that
 drop earlier turns' reasoning, or write the generation prompt differently from an assistant turn's
 header): such a turn cannot be located, and its row is refused with the reason, never mis-masked.
+Such a template with markers (TRL ships training copies of Qwen3's and others') trains every turn.
 
 Taken from TRL (trl/data_utils.py `is_conversational`, `apply_chat_template`; the SFT trainer's
 tokenize step): which rows are conversations (a `messages` list, or `prompt` and `completion` message
@@ -18,13 +20,15 @@ lists, each message a dict with a `role`), the prompt rendered with `add_generat
 and the check that it is a prefix of the full rendering (TRL warns and trains on anyway).
 From Axolotl (prompt_strategies/chat_template.py): every assistant turn trained by default, not
 only the last (`roles_to_train: [assistant]`), each with its end-of-turn token (`train_on_eos:
-turn`). Not taken: TRL's training copies of known templates with markers added, and Axolotl's
-dummy-content diff, which guesses a turn's bounds and allows a few tokens of slack.
+turn`). Not taken: swapping in TRL's training copies of known templates on its own (a user can give
+one as data.chat_template), and Axolotl's dummy-content diff, which guesses a turn's bounds and
+allows a few tokens of slack.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,15 +126,38 @@ def tokens_of(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> l
     return tokens
 
 
+def has_generation_markers(template: str) -> bool:
+    """`{% generation %}` blocks (any whitespace control), as TRL's chat_template_utils tells them."""
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def marked_turns(mask: list[int], messages: list[dict], turns: list[int]) -> list[tuple[int, int]]:
+    """Token spans of `turns` from transformers' assistant mask: one `{% generation %}` block per
+    assistant message, in order."""
+    blocks = [(k, k + len(run)) for k, run in ((m.start(), m.group()) for m in
+                                                re.finditer("1+", "".join(str(bit) for bit in mask)))]
+    assistants = [i for i, message in enumerate(messages) if message.get("role") == ASSISTANT]
+    if len(blocks) != len(assistants):
+        raise ChatRowError(f"the chat template's {{% generation %}} blocks ({len(blocks)}) are not one per assistant "
+                           f"turn ({len(assistants)}); give a template that marks each assistant turn once")
+    return [blocks[assistants.index(i)] for i in turns]
+
+
 def render(tokenizer: Any, messages: list[dict], turns: list[int], template: str | None = None) -> Rendered:
-    """The conversation's tokens (apply_chat_template's own) and the token spans of `turns`."""
+    """The conversation's tokens (apply_chat_template's own) and the token spans of `turns`: from
+    the template's `{% generation %}` markers where it has them (transformers' own mask), else from
+    the rendered prefixes."""
     if not turns:
         raise ChatRowError("it has no assistant turn to train on; add one or remove the row")
     from jinja2 import TemplateError
 
+    marked = has_generation_markers(tokenizer.get_chat_template(template))
     try:
         encoded = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=marked,
                                                 tokenizer_kwargs={"return_offsets_mapping": True})
+        if marked:
+            return Rendered(list(encoded["input_ids"]), marked_turns(encoded["assistant_masks"], messages, turns))
         characters = turn_characters(tokenizer, messages, turns, template, _text(tokenizer, messages, template))
     except TemplateError as exc:  # the template's own raise_exception, e.g. roles that must alternate
         raise ChatRowError(f"the chat template refuses it ({exc}); fix the row or the template") from None
