@@ -53,6 +53,25 @@ def test_a_conversational_sweep_validates(chat_sweep: dict, tmp_path: Path, monk
     assert result.exit_code == 0, result.output
 
 
+def test_rows_that_are_not_conversations_like_the_first_are_reported(chat_sweep: dict, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    good = CHAT_DATA.read_text().splitlines()[0]
+    tool_call = {"messages": [{"role": "user", "content": "Weather?"},
+                              {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "w"}}]},
+                              {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    lines = [good, json.dumps({"messages": "just text"}), json.dumps({"messages": [{"role": "user"}]}),
+             json.dumps(tool_call)]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    chat_sweep["data"]["train"] = "mixed.jsonl"
+    result = CliRunner().invoke(app, ["validate", str(write(chat_sweep, tmp_path))])
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert ("data.train: line 2 (its 'messages' is not a list of {role, content} messages), line 3 (message(s) 1 "
+            "of its 'messages' lack a text role or content) of") in output
+    assert "line 4" not in output, "an assistant message that calls a tool needs no content"
+
+
 def test_preview_json_is_one_row_a_line_as_the_model_sees_it(chat_sweep: dict, tmp_path: Path, tiny_tokenizer,
                                                                monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
@@ -182,7 +201,7 @@ def test_a_conversational_sweep_trains_and_scores_with_the_chat_template(chat_sw
                                                                          sweep_bench, monkeypatch):
     monkeypatch.chdir(tmp_path)
     chat_sweep["name"] = "chat-e2e"
-    chat_sweep["search"].update({"space": None, "num_trials": 1})
+    chat_sweep["search"]["num_trials"] = 1
     chat_sweep["evaluation"].update({"apply_chat_template": True, "system_instruction": SYSTEM})
     path = sweep_bench.write(tmp_path, chat_sweep)
     result = sweep_bench.invoke("run", path)
