@@ -70,10 +70,34 @@ def test_tokenize_rows_masks_the_prompt_and_keeps_completion_and_eos(tokenizer, 
         assert tokenizer.decode(item["input_ids"][: len(prompt_ids)]) == PROMPT.format(**row)
 
 
-def test_tokenize_rows_uses_no_special_tokens_before_the_prompt(tokenizer, rows):
-    item = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=256)[0]
-    assert item["input_ids"][0] != tokenizer.bos_token_id
-    assert item["input_ids"].count(tokenizer.eos_token_id) == 1
+@pytest.fixture(scope="module")
+def adds_bos():
+    """A Llama 3 / Gemma-like tokenizer: its post-processor puts a BOS before every text."""
+    from chat_tokenizers import llama3
+
+    tokenizer = llama3()
+    assert tokenizer("Q")["input_ids"][0] == tokenizer.bos_token_id
+    return tokenizer
+
+
+@pytest.mark.parametrize("which", ["adds_bos", "no_bos"])
+def test_the_prompt_starts_as_the_tokenizer_itself_starts_a_text(which, tokenizer, adds_bos, rows):
+    """Issue 21 item 2: the prompt was tokenized without special tokens, so a model whose tokenizer
+    adds a BOS (Llama 3, Gemma) trained without it."""
+    tok = adds_bos if which == "adds_bos" else tokenizer
+    for row, item in zip(rows, tokenize_rows(rows, tok, PROMPT, COMPLETION, max_length=256)):
+        own = tok(PROMPT.format(**row))["input_ids"]  # the tokenizer's own output, special tokens included
+        assert (own[0] == tok.bos_token_id) == (which == "adds_bos")
+        assert item["input_ids"][:len(own)] == own
+        assert item["labels"][:len(own)] == [-100] * len(own)
+        assert item["input_ids"][len(own):] == _ids(tok, COMPLETION.format(**row)) + [tok.eos_token_id]
+
+
+def test_a_cut_prompt_keeps_the_bos(adds_bos, rows):
+    answer = _ids(adds_bos, COMPLETION.format(**rows[0])) + [adds_bos.eos_token_id]
+    prompt = _ids(adds_bos, PROMPT.format(**rows[0]))
+    item = tokenize_rows(rows, adds_bos, PROMPT, COMPLETION, max_length=len(answer) + 3)[0]
+    assert item["input_ids"] == [adds_bos.bos_token_id] + prompt[-2:] + answer
 
 
 @pytest.mark.parametrize("max_length", [4, 12, 13])

@@ -117,7 +117,7 @@ def test_include_path_tasks_are_found_and_resolved_against_their_yaml(tmp_path):
     (tmp_path / "mytasks" / "broken.yaml").write_text("task: [oops\n")
     dirs = include_dirs(["mytasks"], tmp_path)
     found = local_tasks(dirs)
-    assert set(found) - mmlu.task_names() == {"zorble", "mytask"}
+    assert set(found) - mmlu.task_names() == {"zorble", "blick", "mytask"}
     (spec,) = task_specs(["mytask"], dirs)
     assert spec["dataset_kwargs"]["data_files"] == {"test": str(tmp_path / "mytasks" / "sub" / "rows.jsonl")}
 

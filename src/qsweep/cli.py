@@ -1,7 +1,7 @@
 """The `qsweep` command. User errors exit with code 2 and a message, never a traceback.
 
 Longer than 400 lines because it holds one thin typer command per verb (run, resume, status, validate,
-leaderboard, report, dashboard, show, reproduce, promote, export, ablate, estimate, calibrate), each a
+preview, leaderboard, report, dashboard, show, reproduce, promote, export, ablate, estimate, calibrate), each a
 few lines of argument handling around a call into its stage.
 """
 
@@ -75,6 +75,43 @@ def validate(sweep_file: Path = typer.Argument(..., help="sweep YAML")) -> None:
     """Check a sweep file and everything it names, without training."""
     sweep, _ = load_and_validate(sweep_file)
     console.print(f"[green]{sweep_file}: valid[/] ({sweep.search.num_trials} trials of {sweep.model.name})")
+
+
+class PreviewFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+@app.command()
+def preview(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML"),
+    rows: int = typer.Option(3, "--rows", min=1, help="training rows to show"),
+    format: PreviewFormat = typer.Option(PreviewFormat.text, "--format", help="text, or json: one row a line"),
+) -> None:
+    """The first training rows as the model sees them, trained-on tokens marked, and the rows' lengths."""
+    import tempfile
+
+    from qsweep.preflight.validate import check_previewable
+    from qsweep.report.preview import as_text, build_preview, json_lines, length_summary
+    from qsweep.train.chat import ChatRowError
+
+    try:
+        sweep = load_sweep(sweep_file)
+    except SweepFileError as exc:
+        fail(exc.problems, exc.source)
+    with tempfile.TemporaryDirectory(prefix="qsweep-preview-") as scratch:
+        folder, problems = check_previewable(sweep, Path(scratch))
+        if problems:
+            fail(problems, str(sweep_file))
+        try:
+            shown = build_preview(sweep.trial(), sweep.base_dir, folder, rows)
+        except ChatRowError as exc:
+            fail([f"data.train: {exc}"], str(sweep_file))
+    if format is PreviewFormat.json:
+        sys.stdout.write(json_lines(shown))
+        errors.print(length_summary(shown), markup=False, highlight=False)
+        return
+    console.print(as_text(shown, colour=console.is_terminal), highlight=False)
 
 
 def run_with_live_view(sweep: SweepConfig, sweep_file: Path, space: object, address: str | None, verbose: bool):
@@ -280,6 +317,7 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
     """Write base/ + adapter/ + README card: loads with PeftModel and with lm-eval's peft= as-is."""
     from qsweep.report.publish import PublishError
     from qsweep.report.publish import export as write_export
+    from qsweep.train.chat import read_template
     from qsweep.train.models import resolve_model
     from qsweep.train.provenance import ProvenanceError, check_base
     from qsweep.train.trial import load_base
@@ -290,7 +328,7 @@ def export(run_id: str = typer.Argument(..., help="a finished trial's MLflow run
     try:
         check_base(model_info.content_hash, logged.provenance)
         model, tokenizer = load_base(model_info.path, logged.trial.quantization, logged.trial.model.trust_remote_code,
-                                     savable=True)
+                                     savable=True, chat_template=read_template(logged.trial.data.chat_template, base_dir))
         write_export(logged, model, tokenizer, dest)
     except (PublishError, ProvenanceError) as exc:
         fail([str(exc)])

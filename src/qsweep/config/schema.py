@@ -45,9 +45,28 @@ class DataConfig(Strict):
     validation_split: str = Field(
         "validation", description="the split of a hub dataset `validation` is read from; a local file has one"
     )
-    prompt: str = Field("{prompt}", description="Python format string over the row's columns")
-    completion: str = Field(" {completion}", description="the part the loss is computed on")
+    # None = not set: plain rows then use `{prompt}` / ` {completion}`, and rows holding conversations
+    # (a `messages` column, or `prompt` and `completion` message lists) are rendered with the chat template.
+    prompt: str | None = Field(None, description="Python format string over the row's columns (plain rows)")
+    completion: str | None = Field(None, description="the part the loss is computed on (plain rows)")
+    messages: str | None = Field(
+        None, description="the column holding each row's conversation (a list of {role, content}); "
+        "default: `messages` when the rows have it and prompt/completion are not set"
+    )
+    chat_template: str | None = Field(
+        None, description="a .jinja file (relative to the sweep file) replacing the model's chat template"
+    )
+    train_on: Literal["all_assistant", "last_assistant"] = Field(
+        "all_assistant", description="conversations: the loss on every assistant turn, or on the last only"
+    )
     max_seq_length: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _conversation_or_format_strings(self) -> "DataConfig":
+        if self.messages is not None and (self.prompt is not None or self.completion is not None):
+            raise ValueError("`messages` names a conversation column, rendered with the chat template; remove "
+                             "`prompt` and `completion` (format strings for plain rows)")
+        return self
 
 
 class QuantizationConfig(Strict):
@@ -118,6 +137,19 @@ class EvaluationConfig(Strict):
         default_factory=list, description="extra folders of lm-eval task YAMLs (the shipped ones are always included)"
     )
     final: FinalStageConfig | None = Field(None, description="re-score the top trials on more items at the end")
+    apply_chat_template: bool = Field(
+        False, description="score with the model's chat template (data.chat_template when set), as a chat model is used"
+    )
+    system_instruction: str | None = Field(None, description="a system message before every prompt (lm-eval's)")
+    fewshot_as_multiturn: bool | None = Field(
+        None, description="few-shot examples as separate chat turns; null = on with the chat template (as lm-eval)"
+    )
+
+    @model_validator(mode="after")
+    def _multiturn_needs_the_chat_template(self) -> "EvaluationConfig":
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs the chat template: set apply_chat_template: true")
+        return self
 
 
 class AshaConfig(Strict):

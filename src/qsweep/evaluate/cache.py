@@ -5,8 +5,10 @@ config (with `auto` resolved to what this machine runs), the content of every ta
 files, the templates they include, the Python files beside them and the data files they read, for
 local tasks; the name and lm-eval's version for built-in ones), the items (the seeded subset:
 limit or per-subject count and seed over that content; the drawn ids are stored in the entry), num_fewshot and
-lm-eval's version. Entries are small JSON files under $QSWEEP_CACHE/evaluations, written
-atomically, so concurrent sweeps can share the folder; an unreadable entry is ignored.
+lm-eval's version; and how the prompts are written when not as plain text (the chat template's
+sha256, the system instruction, few-shot examples as turns). Entries are small JSON files under
+$QSWEEP_CACHE/evaluations, written atomically, so concurrent sweeps can share the folder; an
+unreadable entry is ignored.
 """
 
 from __future__ import annotations
@@ -139,9 +141,22 @@ def task_content_hash(name: str, dirs: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def chat_ingredients(evaluation: Any, chat_template: str | None) -> dict[str, Any]:
+    """How the prompts are written (`chat_template`: the template's text in effect); empty for plain
+    prompts, so their keys stay what they were before chat scoring existed."""
+    if not evaluation.apply_chat_template and evaluation.system_instruction is None:
+        return {}
+    multiturn = evaluation.fewshot_as_multiturn
+    multiturn = evaluation.apply_chat_template if multiturn is None else multiturn
+    template = chat_template if evaluation.apply_chat_template else None
+    return {"chat": {"template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None,
+                     "system_instruction": evaluation.system_instruction, "fewshot_as_multiturn": multiturn}}
+
+
 def baseline_ingredients(model_hash: str, quant: Any, compute_dtype: str, evaluation: Any,
-                         dirs: list[Path]) -> dict[str, Any]:
-    """Everything a score of the untuned base depends on (see the module's docstring)."""
+                         dirs: list[Path], chat_template: str | None = None) -> dict[str, Any]:
+    """Everything a score of the untuned base depends on (see the module's docstring);
+    `chat_template` is the template's text when evaluation.apply_chat_template is on."""
     return {
         "kind": "untuned base",
         "model_hash": model_hash,
@@ -150,6 +165,7 @@ def baseline_ingredients(model_hash: str, quant: Any, compute_dtype: str, evalua
         "tasks": {task: task_content_hash(task, dirs) for task in evaluation.tasks},
         "items": {"limit": evaluation.limit, "per_subject": evaluation.per_subject, "subset_seed": evaluation.subset_seed},
         "num_fewshot": evaluation.num_fewshot,
+        **chat_ingredients(evaluation, chat_template),
         "lm_eval": version("lm_eval"),
     }
 

@@ -9,6 +9,7 @@ lm-eval's TaskManager, indexed once per process (local folders ~0.1 s, with the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -211,9 +212,14 @@ def evaluate_model(
     batch_size: int | str = "auto",
     subset_seed: int = 0,
     per_subject: int | None = None,
+    apply_chat_template: bool = False,
+    system_instruction: str | None = None,
+    fewshot_as_multiturn: bool | None = None,
 ) -> EvalResult:
     """Scores the model in memory; `limit` / `per_subject` draw a seeded subset of items, recorded
-    in the result."""
+    in the result. With `apply_chat_template` lm-eval writes each prompt with the tokenizer's chat
+    template (as a chat model is used); the template and its sha256 go into the results, as
+    lm-eval's own CLI records them."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -229,6 +235,7 @@ def evaluate_model(
         batch_size = auto_batch_size(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
     report_environment_once()
+    multiturn = apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn
     raw = simple_evaluate(
         model=lm,
         tasks=specs,
@@ -237,9 +244,28 @@ def evaluate_model(
         task_manager=manager,
         log_samples=True,
         bootstrap_iters=1000,
+        apply_chat_template=apply_chat_template,
+        system_instruction=system_instruction,
+        fewshot_as_multiturn=multiturn,
     )
+    raw.update(chat_settings(tokenizer, apply_chat_template, system_instruction, multiturn))
     records = {task: [_sample_record(s) for s in items] for task, items in raw.get("samples", {}).items()}
     return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=records, items=samples)
+
+
+# How the prompts were written: the keys lm-eval's CLI gives them in its results file.
+CHAT_KEYS = ("chat_template", "chat_template_sha", "system_instruction", "system_instruction_sha", "fewshot_as_multiturn")
+
+
+def chat_settings(tokenizer: Any, apply_chat_template: bool, system_instruction: str | None,
+                  fewshot_as_multiturn: bool) -> dict[str, Any]:
+    template = tokenizer.chat_template if apply_chat_template else None
+    values = (template, text_sha256(template), system_instruction, text_sha256(system_instruction), fewshot_as_multiturn)
+    return dict(zip(CHAT_KEYS, values))
+
+
+def text_sha256(text: str | None) -> str | None:
+    return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
 def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: Any = None) -> EvalResult:
@@ -250,4 +276,6 @@ def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: An
         model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
         num_fewshot=evaluation.num_fewshot, limit=items.limit, per_subject=items.per_subject,
         batch_size=evaluation.batch_size, subset_seed=evaluation.subset_seed,
+        apply_chat_template=evaluation.apply_chat_template, system_instruction=evaluation.system_instruction,
+        fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
     )

@@ -60,6 +60,7 @@ def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> d
     import torch
 
     from qsweep.evaluate.harness import score
+    from qsweep.train.chat import read_template
     from qsweep.train.models import resolve_model
     from qsweep.train.trial import load_base
 
@@ -68,7 +69,8 @@ def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> d
     trial = TrialConfig(**trial_dict)
     with capped(trial.limits.memory_mb):
         model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
-        model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+        model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code,
+                                     chat_template=read_template(trial.data.chat_template, Path(base_dir)))
         result = score(model, tokenizer, trial.evaluation, Path(base_dir))
     return {"scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
 
@@ -104,13 +106,15 @@ def baseline_trial(sweep: SweepConfig, quant: str) -> TrialConfig:
 def baseline_key(trial: TrialConfig, base_dir: Path) -> tuple[str, dict[str, Any]]:
     """The cache key (and its ingredients) of the untuned base as `trial` would load and score it."""
     from qsweep.evaluate.harness import include_dirs
+    from qsweep.train.chat import template_in_effect
     from qsweep.train.models import resolve_model
     from qsweep.train.trial import device_type
 
-    model_hash = resolve_model(trial.model.name, trial.model.revision, base_dir).content_hash
+    model = resolve_model(trial.model.name, trial.model.revision, base_dir)
     dtype = compute_dtype_name(trial.quantization.compute_dtype, device_type())
-    ingredients = evaluation_cache.baseline_ingredients(model_hash, trial.quantization, dtype, trial.evaluation,
-                                       include_dirs(trial.evaluation.include_path, base_dir))
+    template = template_in_effect(model.path, trial, base_dir) if trial.evaluation.apply_chat_template else None
+    ingredients = evaluation_cache.baseline_ingredients(model.content_hash, trial.quantization, dtype, trial.evaluation,
+                                       include_dirs(trial.evaluation.include_path, base_dir), template)
     return evaluation_cache.cache_key(ingredients), ingredients
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from qsweep.config.schema import SweepConfig, SweepFileError
 from qsweep.preflight.asha import check_asha
-from qsweep.preflight.data import check_completion_lengths, check_data
+from qsweep.preflight.data import check_data, check_template_for_rows, check_tokenized_rows
 from qsweep.preflight.evaluation import check_metrics, check_tasks
 from qsweep.preflight.fit import check_fits
 from qsweep.preflight.mmlu import check_mmlu
@@ -35,7 +35,7 @@ def _check_model(sweep: SweepConfig, space: SearchSpace | None, data_ok: bool,
         return None, problems
     problems = check_targets(sweep, space, folder)
     if data_ok:
-        problems += check_completion_lengths(sweep.trial(), sweep.base_dir, folder)
+        problems += check_tokenized_rows(sweep.trial(), sweep.base_dir, folder)
     return folder, problems
 
 
@@ -65,3 +65,14 @@ def validate_sweep(sweep: SweepConfig, source: str, space: SearchSpace | None = 
     if problems:
         raise SweepFileError(source, problems)
     return space
+
+
+def check_previewable(sweep: SweepConfig, scratch: Path) -> tuple[Path | None, list[str]]:
+    """What `qsweep preview` needs: data that reads, the model's tokenizer, and a chat template
+    where the rows need one; rows that would be cut are what it shows, not problems."""
+    problems = check_data(sweep)
+    folder, model_problems = model_folder(sweep, scratch)
+    problems += model_problems
+    if not problems and folder is not None:
+        problems += check_template_for_rows(sweep.trial(), sweep.base_dir, folder)[1]
+    return folder, problems

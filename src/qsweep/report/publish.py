@@ -113,6 +113,19 @@ def promote(uri: str, logged: LoggedTrial, alias: str) -> tuple[str, str]:
     return name, version.version
 
 
+def chat_flags(evaluation: Any) -> str:
+    """lm-eval's CLI flags that write the prompts as the trial's scores were (its base/ tokenizer
+    holds the chat template the trial used)."""
+    import shlex
+
+    flags = " --apply_chat_template" if evaluation.apply_chat_template else ""
+    if evaluation.apply_chat_template and evaluation.fewshot_as_multiturn is False:
+        flags += " --fewshot_as_multiturn false"  # lm-eval turns it on with the template
+    if evaluation.system_instruction is not None:
+        flags += f" --system_instruction {shlex.quote(evaluation.system_instruction)}"
+    return flags
+
+
 def model_card(logged: LoggedTrial) -> str:
     trial = logged.trial
     scores = scores_of(logged, trial.evaluation.tasks)
@@ -129,7 +142,7 @@ model = PeftModel.from_pretrained(base, "adapter")
 ```
 
 or score it with lm-eval (local task definitions, if any, are in `tasks/`):
-`lm_eval --model hf --model_args pretrained=base,peft=adapter --include_path tasks --tasks {",".join(trial.evaluation.tasks)}`
+`lm_eval --model hf --model_args pretrained=base,peft=adapter --include_path tasks --tasks {",".join(trial.evaluation.tasks)}{chat_flags(trial.evaluation)}`
 
 ## Scores
 

@@ -77,6 +77,10 @@ def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationC
 
 
 def load_trained(trial: TrialConfig, adapter_dir: Path, base_dir: Path) -> tuple[Any, Any]:
-    """A logged trial's adapter on the base and quantization its config names."""
-    return load_adapter(adapter_dir, trial.model.name, trial.quantization, base_dir, trial.model.revision,
-                        trial.model.trust_remote_code)
+    """A logged trial's adapter on the base and quantization its config names, with the chat
+    template it was trained and scored with (data.chat_template, when set)."""
+    from qsweep.train.chat import read_template, use_template
+
+    model, tokenizer = load_adapter(adapter_dir, trial.model.name, trial.quantization, base_dir, trial.model.revision,
+                                    trial.model.trust_remote_code)
+    return model, use_template(tokenizer, read_template(trial.data.chat_template, base_dir))

@@ -18,10 +18,10 @@ import torch
 from qsweep.config.policy import compute_dtype_name, fastest_compute_dtype, optimizer_name
 from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
 from qsweep.evaluate import cache as evaluation_cache
-from qsweep.evaluate.harness import score
+from qsweep.evaluate.harness import CHAT_KEYS, score
 from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
-from qsweep.train import quantized
+from qsweep.train import chat, quantized
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
@@ -84,13 +84,13 @@ def bnb_config(quant: QuantizationConfig) -> Any:
 
 
 def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = False,
-              savable: bool = False) -> tuple[Any, Any]:
-    """The base in 4 bit on this process's device, and its tokenizer (with a pad token). On a CPU,
+              savable: bool = False, chat_template: str | None = None) -> tuple[Any, Any]:
+    """The base in 4 bit on this process's device, and its tokenizer (with a pad token and `chat_template`). On a CPU,
     quantized once per machine, then loaded as stored (train.quantized), unless `savable`: transformers
     5 cannot save a model loaded from a 4-bit checkpoint (huggingface/transformers#45743)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = chat.use_template(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # On a CPU the layers left unquantized (embeddings, norms) stay fp32 whatever the compute dtype:
@@ -285,7 +285,8 @@ def score_untuned_base(base: UntunedBase, base_dir: Path, model: Any = None, tok
     started = time.perf_counter()
     if model is None:
         path = resolve_model(base.config.model.name, base.config.model.revision, base_dir).path
-        model, tokenizer = load_base(path, base.config.quantization, base.config.model.trust_remote_code)
+        model, tokenizer = load_base(path, base.config.quantization, base.config.model.trust_remote_code,
+                                     chat_template=chat.read_template(base.config.data.chat_template, base_dir))
     model.eval()
     result = score(model, tokenizer, base.config.evaluation, base_dir)
     evaluation_cache.store(base.key, base.ingredients, result.scores, result.items)
@@ -309,7 +310,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     same_base = untuned_base is not None and untuned_base.config.quantization == trial.quantization
     baseline = score_untuned_base(untuned_base, base_dir) if untuned_base and not same_base else None
     load_started = time.perf_counter()
-    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code)
+    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code,
+                                 chat_template=chat.read_template(trial.data.chat_template, base_dir))
     # Seeded here, right before LoRA's init: quantizing draws random numbers and loading a stored
     # 4-bit base does not, and the untuned base's scoring (lm-eval reseeds) may come before or after.
     # The Trainer seeds again itself (args.seed) before training.
@@ -387,7 +389,7 @@ def write_eval_files(result: Any, out_dir: Path) -> tuple[Path, Path]:
     import json
 
     results_file = out_dir / "lm_eval_results.json"
-    kept = {k: result.raw[k] for k in ("results", "configs", "versions", "n-shot") if k in result.raw}
+    kept = {k: result.raw[k] for k in ("results", "configs", "versions", "n-shot", *CHAT_KEYS) if k in result.raw}
     kept["items"] = result.items
     results_file.write_text(json.dumps(kept, indent=2, default=str))
     samples_file = out_dir / "lm_eval_samples.jsonl"
