@@ -266,7 +266,7 @@ def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swe
         tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         return tuner.fit(), Tried()
-    earlier = prepare_study(sweep, folder)
+    earlier = prepare_study(sweep, folder, space)
     if earlier.total:
         logger.info("sweep %s: Ray saved no state; the study already holds %d trials", sweep.name, earlier.total)
     health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
