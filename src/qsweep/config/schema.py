@@ -24,6 +24,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SEED_PARAM = "training.seed"
 # A tied search param (search.space) is searched as its ratio, named `lora.alpha-per-lora.r`.
 RATIO_JOIN = "-per-"
+# The param holding a trial's optimizer steps: max_steps, or what num_epochs make of the training set.
+TOTAL_STEPS_PARAM = "total_steps"
 
 
 def default_tracking_uri() -> str:

@@ -132,6 +132,7 @@ class ModelShape:
     experts: tuple[variants.ExpertWeight, ...] = ()  # fused expert weights, none for a dense model
     experts_per_token: int = 0
     biases: tuple[tuple[str, int], ...] = ()  # (name, elements) of every bias: what lora.bias may train
+    attention_maps: int = 0  # [seq x seq] maps per head eager attention keeps; 0 with SDPA (variants)
 
 
 @lru_cache(maxsize=16)
@@ -305,9 +306,10 @@ def activation_bytes(
     padded = batch > 1
     kv = shape.heads if padded else shape.kv_heads
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim * cast + shape.heads * 4 + (seq * cast if padded else 0)
+    attention += variants.eager_attention_bytes(shape, seq, cast)
     # a GLU MLP keeps the gate output (for SiLU), SiLU's output and the up output (for the product);
     # a plain MLP keeps the first projection's output and what its activation function needs.
-    mlp = (variants.moe_bytes_per_token(shape, cast) if shape.experts else (3 if shape.glu_mlp else 2) * i * res)
+    mlp = variants.moe_bytes_per_token(shape, cast) if shape.experts else (3 if shape.glu_mlp else 2) * i * res
     base_per_layer = tokens * (norms + attention + mlp)
 
     # Every LoRA layer keeps its dropped-out input (for lora_A's gradient), the dropout mask (CUDA:
@@ -328,7 +330,7 @@ def activation_bytes(
     # 2. One layer's backward: gradients into and out of the layer, one MLP-wide gradient, and the
     # 4-bit matmul's dequantized weight (a temporary in the compute dtype; the largest layer's).
     dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
-    layer_work = tokens * (2 * h + i) * res + dequant
+    layer_work = tokens * ((2 * h + i) * res + 2 * variants.eager_attention_bytes(shape, seq, 4)) + dequant
     final_norm = tokens * (h * res + 4)
     # Autocast casts every LoRA weight once per step and keeps the copies, and the fp32 head's copy
     # is kept by its matmul for the backward pass.

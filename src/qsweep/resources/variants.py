@@ -42,7 +42,26 @@ def variant_fields(model: Any) -> dict[str, Any]:
     experts = tuple(ExpertWeight(name, *dims) for name, dims in expert_parameters(model))
     biases = tuple((name, p.numel()) for name, p in model.named_parameters() if name.rpartition(".")[2] == "bias")
     per_token = getattr(model.config, "num_experts_per_tok", 0) if experts else 0
-    return {"experts": experts, "experts_per_token": per_token, "biases": biases}
+    return {"experts": experts, "experts_per_token": per_token, "biases": biases,
+            "attention_maps": attention_maps(model.config)}
+
+
+def attention_maps(config: Any) -> int:
+    """The [seq x seq] maps per head that transformers' eager attention (eager_attention_forward)
+    keeps for the backward, where a model runs it instead of SDPA (Gemma 2, whose logit soft-capping
+    SDPA cannot do): the softmax's output, and with soft-capping the tanh's output. Measured on a
+    Gemma 2 layer: two [batch x heads x seq x seq] fp32 tensors."""
+    if getattr(config, "_attn_implementation", None) != "eager":
+        return 0
+    return 1 + (getattr(config, "attn_logit_softcapping", None) is not None)
+
+
+def eager_attention_bytes(shape: Any, seq: int, cast: int) -> int:
+    """Per token and layer, the eager attention maps (fp32 softmax, and its copy in the compute dtype
+    under autocast)."""
+    if not shape.attention_maps:
+        return 0
+    return shape.heads * seq * (4 * shape.attention_maps + (cast if cast < 4 else 0))
 
 
 def lora_trainables(shape: Any, lora: LoraConfig) -> Trainables:

@@ -364,6 +364,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "train_loss": float(train_output.training_loss),
+        "train_steps": trainer.state.global_step,
         "peak_memory_mb": peak_mb,
         # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
