@@ -106,11 +106,12 @@ DEFAULT_MAX_STEPS = 100
 
 
 def expand_ranges(text: str) -> list[int]:
-    """'0-3,8' -> [0, 1, 2, 3, 8]."""
+    """'0-3,8' -> [0, 1, 2, 3, 8]; ValueError on anything else."""
     numbers: list[int] = []
     for part in text.split(","):
-        low, _, high = part.strip().partition("-")
-        numbers += range(int(low), int(high or low) + 1)
+        if not (found := re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)):
+            raise ValueError(part)
+        numbers += range(int(found[1]), int(found[2] or found[1]) + 1)
     return numbers
 
 
