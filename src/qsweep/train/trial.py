@@ -23,7 +23,8 @@ from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train import quantized
 from qsweep.train.data import data_hash, tokenized_sets
-from qsweep.train.lora import attach_lora, attach_trial_lora, trainer_optimizers, trial_targets
+from qsweep.train.lora import attach_lora  # noqa: F401 - still imported from here by tests and benches
+from qsweep.train.lora import attach_trial_lora, trainer_optimizers, trial_targets
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 
