@@ -168,3 +168,9 @@ def test_the_longest_trial_counts_every_extreme_that_adds_steps(tiny_sweep_dict)
     steps = SearchSpace(params={"training.max_steps": ParamSpec(low=10, high=300, integer=True)})
     tiny_sweep_dict["training"] = {"max_steps": 40}
     assert longest_trial_steps(SweepConfig(**tiny_sweep_dict), steps, 0) == 300
+
+
+def test_the_live_view_and_status_show_the_ratio_by_its_fields_short_names():
+    from qsweep.report.progress import short_params
+
+    assert short_params({"lora.r": 16, KEY: 2, "lora.use_dora": True}) == "r=16 alpha/r=2 use_dora=True"
