@@ -55,7 +55,8 @@ def expected_targets(name: str, model, preset: str) -> tuple[set[str], set[str]]
                 if isinstance(module, torch.nn.Linear) and not (block == arch.mlp and sub in routers):
                     linears.add(f"{prefix}.{sub}")
                 if block == arch.mlp and sub == "experts":
-                    experts |= {f"{prefix}.experts.{p}" for p, w in module.named_parameters(recurse=False) if w.ndim == 3}
+                    experts |= {f"{prefix}.experts.{p}" for p, w in module.named_parameters(recurse=False)
+                                if w.ndim == 3}
     return linears, experts
 
 
@@ -170,7 +171,8 @@ def _trial_in_fresh_process(model: Path, data: Path, out_dir: Path) -> dict:
     }
     code = ("import json, sys, torch; from pathlib import Path; torch.set_num_threads(1)\n"
             "from qsweep.config.schema import TrialConfig; from qsweep.train.trial import run_trial\n"
-            "out = run_trial(TrialConfig(**json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3]), lambda r: None)\n"
+            "trial = TrialConfig(**json.loads(sys.argv[1]))\n"
+            "out = run_trial(trial, Path(sys.argv[2]), Path(sys.argv[3]), lambda r: None)\n"
             "print(json.dumps(out.metrics))")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
