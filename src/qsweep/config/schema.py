@@ -3,17 +3,21 @@
 A sweep file holds the base trial (model, data, quantization, lora, training, evaluation) plus
 how to search around it. A resolved trial is the same models with the search's choices applied,
 so `qsweep show` can write any trial back out as a valid single-trial sweep file.
+
+Longer than 400 lines because it holds every section of the sweep file in one place (a user reads
+one module to learn every key), each model with its own cross-field checks.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qsweep.config.paths import resolve_path
 
@@ -21,6 +25,10 @@ from qsweep.config.paths import resolve_path
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # The flattened param that holds a trial's seed: an ablation's replicate axis.
 SEED_PARAM = "training.seed"
+# A tied search param (search.space) is searched as its ratio, named `lora.alpha-per-lora.r`.
+RATIO_JOIN = "-per-"
+# The param holding a trial's optimizer steps: max_steps, or what num_epochs make of the training set.
+TOTAL_STEPS_PARAM = "total_steps"
 
 
 def default_tracking_uri() -> str:
@@ -82,10 +90,58 @@ class LoraConfig(Strict):
     target_modules: str | list[str] = Field(
         "all-linear", description="preset (attention, mlp, all-linear) or module names"
     )
+    use_dora: bool = Field(False, description="DoRA: a trained magnitude per output row (peft use_dora)")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) instead of alpha / r")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train (peft's bias)")
+    layers_to_transform: list[int] | None = Field(
+        None, description="decoder layers (0-based) LoRA wraps, as a list or text such as '0-3,8'; null = all"
+    )
+
+    @field_validator("layers_to_transform", mode="before")
+    @classmethod
+    def _layers_from_text(cls, value: Any) -> Any:
+        # A search space can only name scalars (Optuna's categorical choices), so a set of layers may
+        # also be written as text: "12-23" or "0,2,4".
+        if isinstance(value, bool) or value is None:
+            return value
+        if isinstance(value, int):
+            return [value]
+        if isinstance(value, str):
+            try:
+                return expand_ranges(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a list of layers; write e.g. [0, 1, 2], '0-2' or '0-3,8'") from None
+        return value
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_listed(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if not value or min(value) < 0:
+            raise ValueError("give at least one layer, each 0 or more (the first decoder layer is 0)")
+        return sorted(set(value))
+
+
+# Training steps when neither training.max_steps nor training.num_epochs is given.
+DEFAULT_MAX_STEPS = 100
+
+
+def expand_ranges(text: str) -> list[int]:
+    """'0-3,8' -> [0, 1, 2, 3, 8]; ValueError on anything else."""
+    numbers: list[int] = []
+    for part in text.split(","):
+        if not (found := re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)):
+            raise ValueError(part)
+        numbers += range(int(found[1]), int(found[2] or found[1]) + 1)
+    return numbers
 
 
 class TrainingConfig(Strict):
-    max_steps: int = Field(100, ge=1)
+    max_steps: int | None = Field(
+        None, ge=1, description=f"optimizer steps; {DEFAULT_MAX_STEPS} when num_epochs is not set either"
+    )
+    num_epochs: float | None = Field(None, gt=0, description="passes over the training set, instead of max_steps")
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-4, gt=0)
@@ -97,6 +153,30 @@ class TrainingConfig(Strict):
     gradient_checkpointing: bool = False
     optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "auto"
     eval_every: int = Field(10, ge=1, description="steps between validation-loss reports (ASHA's rungs)")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: lora_B learns at this multiple of learning_rate (peft create_loraplus_optimizer)"
+    )
+    neftune_noise_alpha: float | None = Field(None, gt=0, description="NEFTune: noise added to the input embeddings")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainingConfig":
+        if self.max_steps is not None and self.num_epochs is not None:
+            raise ValueError("training.max_steps and training.num_epochs are both set; keep one (epochs are "
+                             "turned into steps from the training set's size)")
+        if self.max_steps is None and self.num_epochs is None:
+            # Written past validate_assignment: the default is not a field the user set.
+            self.__dict__["max_steps"] = DEFAULT_MAX_STEPS
+        return self
+
+    def total_steps(self, train_rows: int) -> int:
+        """Optimizer steps of a trial on `train_rows` rows: max_steps, or what the Trainer makes of
+        num_epochs (Trainer.set_initial_training_values: ceil(epochs x updates per epoch), an epoch
+        being ceil(rows / batch) batches in ceil(batches / accumulation) updates, at least 1)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        batches = math.ceil(train_rows / self.batch_size)
+        per_epoch = max(math.ceil(batches / self.gradient_accumulation_steps), 1)
+        return math.ceil(self.num_epochs * per_epoch)
 
 
 class LimitsConfig(Strict):

@@ -71,9 +71,11 @@ def failure_reason(text: str) -> str:
 
 
 class LiveView(Callback):
-    def __init__(self, sweep: SweepConfig, folder: Path, machine: Machine):
+    def __init__(self, sweep: SweepConfig, folder: Path, machine: Machine, train_rows: int = 0):
+        """`train_rows`: the training set's size, for trials that train for epochs (orchestrate.steps)."""
         self.sweep = sweep
         self.folder = folder
+        self.train_rows = train_rows
         search = sweep.search
         self.progress = SweepProgress(sweep.name, search.metric, search.direction, search.num_trials, time.time(),
                                       machine.device, machine.memory_mb)
@@ -142,7 +144,7 @@ class LiveView(Callback):
 
     def _row(self, trial: Any) -> TrialRow:
         resolved = apply_params(self.sweep.trial(), trial.config)
-        row = TrialRow(trial.trial_id, dict(trial.config), resolved.training.max_steps)
+        row = TrialRow(trial.trial_id, dict(trial.config), resolved.training.total_steps(self.train_rows))
         self.progress.trials[trial.trial_id] = row
         return row
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qsweep import tracking
-from qsweep.config.schema import SweepFileError, load_sweep
+from qsweep.config.schema import TOTAL_STEPS_PARAM, SweepFileError, load_sweep
 from qsweep.report.progress import (
     FAILED,
     FINISHED,
@@ -140,7 +140,7 @@ def _number(value: str | None, cast: type = int) -> Any:
 def trial_row(mlflow_client: Any, run: Any, metric: str, alive: bool) -> TrialRow:
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     state = trial_state(run.info.status, tags.get("qsweep.outcome", ""), alive)
-    max_steps = _number(params.get("training.max_steps")) or 0
+    max_steps = _number(params.get(TOTAL_STEPS_PARAM) or params.get("training.max_steps")) or 0
     history = mlflow_client.get_metric_history(run.info.run_id, "eval_loss") if "eval_loss" in metrics else []
     step = max((m.step for m in history), default=0)
     search = {k.removeprefix(SEARCH_PREFIX): v for k, v in params.items() if k.startswith(SEARCH_PREFIX)}

@@ -25,6 +25,7 @@ from qsweep.orchestrate import stages
 from qsweep.orchestrate.cluster import cluster_machine
 from qsweep.orchestrate.driver import ray_started_beside, timed_phase
 from qsweep.orchestrate.live import LiveView
+from qsweep.orchestrate.steps import longest_trial_steps, train_rows
 from qsweep.resources.packing import Machine, resources_for
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
@@ -137,7 +138,7 @@ def _train_and_report(trial: TrialConfig, base_dir: str, out_dir: Path,
         return
     last_eval = [p["eval_loss"] for p in outcome.curve if "eval_loss" in p]
     tune.report({
-        "step": trial.training.max_steps,
+        "step": int(outcome.metrics["train_steps"]),
         "eval_loss": last_eval[-1] if last_eval else float("nan"),
         OBJECTIVE: objective,
         **{t.metric: outcome.metrics[t.metric] for t in search_config.tradeoffs},
@@ -157,14 +158,17 @@ def _node() -> dict[str, str]:
     return {"node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname()}
 
 
-def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str) -> str:
+def start_parent_run(sweep: SweepConfig, sweep_file: Path, experiment_id: str, asha_max_t: int) -> str:
+    """The sweep's run, with its config as params and ASHA's last rung (`search.asha.max_t`: the
+    most steps a trial of the space takes)."""
     mlflow_client = tracking.client(sweep.tracking.uri)
     run_id = tracking.start_run(
         mlflow_client, experiment_id, sweep.name,
         {"qsweep.kind": "sweep", "qsweep.sweep": sweep.name, "qsweep.metric": sweep.search.metric,
          "qsweep.direction": sweep.search.direction},
     )
-    tracking.log_batch(mlflow_client, run_id, params=tracking.flatten(sweep.model_dump(mode="json")))
+    tracking.log_batch(mlflow_client, run_id, params={**tracking.flatten(sweep.model_dump(mode="json")),
+                                                      "search.asha.max_t": asha_max_t})
     mlflow_client.log_text(run_id, dump_yaml(sweep.model_dump(mode="json")), "sweep.yaml")
     mlflow_client.log_artifact(run_id, str(sweep_file))
     return run_id
@@ -198,19 +202,20 @@ def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine,
 
 
 def _new_tuner(sweep: SweepConfig, space: SearchSpace, folder: Path, machine: Machine, mirror: MlflowMirror,
-               num_samples: int, pending_baselines: dict[str, dict[str, Any]]) -> Any:
+               num_samples: int, pending_baselines: dict[str, dict[str, Any]], rows: int) -> Any:
+    """`rows`: the training set's size, where a trial's steps depend on it (orchestrate.steps)."""
     from ray import tune
 
     return tune.Tuner(
         _trainable(sweep, folder / "trials", machine, pending_baselines),
         tune_config=tune.TuneConfig(
             search_alg=build_searcher(sweep, space, concurrency_limit(sweep), folder),
-            scheduler=build_scheduler(sweep),
+            scheduler=build_scheduler(sweep, longest_trial_steps(sweep, space, rows)),
             num_samples=num_samples,
             reuse_actors=reuse_workers(sweep, space, machine),
         ),
         run_config=tune.RunConfig(
-            name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror, LiveView(sweep, folder, machine)],
+            name=RAY_DIR, storage_path=str(folder), verbose=0, callbacks=[mirror, LiveView(sweep, folder, machine, rows)],
             stop=AllFailingStopper(mirror.health),
             # Only a dead worker or node is a Ray error (see train_trial): retry it elsewhere.
             failure_config=tune.FailureConfig(max_failures=RETRIES_ON_LOST_WORKER),
@@ -242,21 +247,23 @@ def run_sweep(sweep: SweepConfig, sweep_file: Path, space: SearchSpace, address:
     folder = output_folder(sweep)
     state = check_folder(sweep, str(sweep_file))
     resuming = state is not None and tune.Tuner.can_restore(str(folder / RAY_DIR))
+    rows = train_rows(sweep, space)
     try:
         with ray_started_beside(address) as ray_start:
             if state is None:
                 experiment_id = tracking.ensure_experiment(sweep.tracking.uri, sweep.tracking.experiment)
                 state = SweepState(fingerprint(sweep), experiment_id,
-                                   start_parent_run(sweep, sweep_file, experiment_id), sweep.tracking.uri)
+                                   start_parent_run(sweep, sweep_file, experiment_id,
+                                                    longest_trial_steps(sweep, space, rows)), sweep.tracking.uri)
                 write_state(folder, state)
             ray_start.ready()
-            return _search(sweep, space, folder, state, resuming, ray_start.stop)
+            return _search(sweep, space, folder, state, resuming, ray_start.stop, rows)
     finally:
         logger.info("sweep %s done", sweep.name)
 
 
 def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, machine: Machine,
-                resuming: bool, pending_baselines: dict[str, dict[str, Any]]) -> tuple[Any, Tried]:
+                resuming: bool, pending_baselines: dict[str, dict[str, Any]], rows: int) -> tuple[Any, Tried]:
     """Ray Tune's results, and the outcomes of trials run by an earlier driver Ray never saved."""
     from ray import tune
 
@@ -266,21 +273,21 @@ def _run_trials(sweep: SweepConfig, space: SearchSpace, folder: Path, state: Swe
         tuner = tune.Tuner.restore(str(folder / RAY_DIR), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         return tuner.fit(), Tried()
-    earlier = prepare_study(sweep, folder)
+    earlier = prepare_study(sweep, folder, space)
     if earlier.total:
         logger.info("sweep %s: Ray saved no state; the study already holds %d trials", sweep.name, earlier.total)
     health = SweepHealth(give_up_after=min(GIVE_UP_AFTER_FAILURES, sweep.search.num_trials))
-    mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health)
+    mirror = MlflowMirror(sweep, state.experiment_id, state.parent_run_id, folder / "trials", health, rows)
     # No Ray trial exists yet, so every child run still RUNNING belongs to a driver that died.
     mirror.reconcile([])
     remaining = sweep.search.num_trials - earlier.total
     if remaining <= 0:
         return [], earlier
-    return _new_tuner(sweep, space, folder, machine, mirror, remaining, pending_baselines).fit(), earlier
+    return _new_tuner(sweep, space, folder, machine, mirror, remaining, pending_baselines, rows).fit(), earlier
 
 
 def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepState, resuming: bool,
-            stop_ray: Callable[[], None]) -> SweepSummary:
+            stop_ray: Callable[[], None], rows: int) -> SweepSummary:
     """Baselines beside the trials, the trials, then deltas, the final stage, search insight and the
     report; `stop_ray` is called once Ray is no longer needed."""
     from qsweep.train.models import resolve_model
@@ -294,7 +301,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         baseline_job = stages.start_baselines(sweep, types, state.parent_run_id)
         pending = stages.pending_baselines(sweep, baseline_job)
     with timed_phase("trials"):
-        grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming, pending)
+        grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming, pending, rows)
     with timed_phase("baselines"):
         baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id,
                                             [r.metrics or {} for r in grid], resources)

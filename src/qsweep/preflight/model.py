@@ -16,7 +16,7 @@ from qsweep.config.schema import SweepConfig
 from qsweep.preflight.hub import env_flag, hub_config, is_repo_id
 from qsweep.search.space import SearchSpace
 from qsweep.train.models import EMBEDDED, built_embedded, embedded_skeleton, resolve_model
-from qsweep.train.targets import TargetModuleError, linear_module_names, resolve_target_modules
+from qsweep.train.targets import TargetModuleError, expert_parameter_names, linear_module_names, resolve_targets
 
 
 def _embedded_folder(name: str, scratch: Path) -> Path:
@@ -54,6 +54,7 @@ def model_folder(sweep: SweepConfig, scratch: Path) -> tuple[Path | None, list[s
 def check_targets(sweep: SweepConfig, space: SearchSpace | None, folder: Path) -> list[str]:
     try:
         names = linear_module_names(folder, sweep.model.trust_remote_code)
+        experts = expert_parameter_names(folder, sweep.model.trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any config the model classes reject is a model.name problem
         return [f"model.name: cannot read the model's config in {folder} ({type(exc).__name__}: {exc}); "
                 "check the folder, or set model.trust_remote_code: true if it needs custom code"]
@@ -64,7 +65,7 @@ def check_targets(sweep: SweepConfig, space: SearchSpace | None, folder: Path) -
     problems = []
     for where, spec in candidates:
         try:
-            resolve_target_modules(spec, names)
+            resolve_targets(spec, names, experts)
         except TargetModuleError as exc:
             problems.append(f"{where}: {exc}")
     return problems

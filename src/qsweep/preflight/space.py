@@ -67,7 +67,9 @@ def check_baselines(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
                             "a baseline may only set the space's params")
             continue
         try:
-            apply_params(sweep.trial(), point)
+            apply_params(sweep.trial(), space.trial_point(point, sweep.trial()) if space else point)
         except ValidationError as exc:
             problems += [f"search.baselines.{index}: {p}" for p in describe_validation_error(exc)]
+        except ValueError as exc:
+            problems.append(f"search.baselines.{index}: {exc}")
     return problems

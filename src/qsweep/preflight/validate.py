@@ -19,6 +19,7 @@ from qsweep.preflight.asha import check_asha
 from qsweep.preflight.data import check_data, check_template_for_rows, check_tokenized_rows
 from qsweep.preflight.evaluation import check_metrics, check_tasks
 from qsweep.preflight.fit import check_fits
+from qsweep.preflight.lora import check_lora, check_steps
 from qsweep.preflight.mmlu import check_mmlu
 from qsweep.preflight.model import check_targets, model_folder
 from qsweep.preflight.output import check_output_dir
@@ -34,6 +35,7 @@ def _check_model(sweep: SweepConfig, space: SearchSpace | None, data_ok: bool,
     if folder is None:
         return None, problems
     problems = check_targets(sweep, space, folder)
+    problems += check_lora(sweep, space, folder)
     if data_ok:
         problems += check_tokenized_rows(sweep.trial(), sweep.base_dir, folder)
     return folder, problems
@@ -52,6 +54,7 @@ def validate_sweep(sweep: SweepConfig, source: str, space: SearchSpace | None = 
     data_problems = check_data(sweep)
     problems += data_problems
     problems += check_asha(sweep)
+    problems += check_steps(sweep, space)
     problems += check_tasks(sweep.trial(), sweep.base_dir)
     problems += check_mmlu(sweep)
     problems += check_metrics(sweep)

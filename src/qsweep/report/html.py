@@ -79,7 +79,8 @@ def asha_rungs(params: dict[str, str]) -> list[int]:
     if params.get("search.asha.enabled") != "True":
         return []
     grace, factor = int(params["search.asha.grace_steps"]), float(params["search.asha.reduction_factor"])
-    max_steps = int(params["training.max_steps"])
+    # The longest trial's steps (logged since trials may train for epochs), else the base trial's.
+    max_steps = int(params.get("search.asha.max_t") or params["training.max_steps"])
     count = int(math.log(max_steps / grace) / math.log(factor) + 1)
     return sorted({int(grace * factor**k) for k in range(count)} - {max_steps})
 

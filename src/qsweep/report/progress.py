@@ -15,6 +15,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from qsweep.config.schema import RATIO_JOIN
+
 RUNNING = "running"
 FINISHED = "finished"
 STOPPED = "stopped early"
@@ -122,11 +124,12 @@ def number(value: float | None) -> str:
 
 
 def short_params(params: dict[str, Any]) -> str:
-    """`lora.r=16` -> `r=16`: the field's own name is what a reader scans for."""
+    """`lora.r=16` -> `r=16`: the field's own name is what a reader scans for (a tied param's
+    ratio, `lora.alpha-per-lora.r`, shows as `alpha/r`)."""
     parts = []
     for key, value in params.items():
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        parts.append(f"{key.rsplit('.', 1)[-1]}={shown}")
+        parts.append(f"{'/'.join(name.rsplit('.', 1)[-1] for name in key.split(RATIO_JOIN))}={shown}")
     return " ".join(parts)
 
 

@@ -126,6 +126,10 @@ def chat_flags(evaluation: Any) -> str:
     return flags
 
 
+def _length(training: Any) -> str:
+    return f"{training.max_steps} steps" if training.max_steps is not None else f"{training.num_epochs:g} epochs"
+
+
 def model_card(logged: LoggedTrial) -> str:
     trial = logged.trial
     scores = scores_of(logged, trial.evaluation.tasks)
@@ -157,7 +161,7 @@ or score it with lm-eval (local task definitions, if any, are in `tasks/`):
 | base model | {trial.model.name} (sha256 {logged.provenance.get("model_hash")}) |
 | quantization | {trial.quantization.quant_type}, double quant {trial.quantization.double_quant}, compute {logged.provenance.get("compute_dtype")} |
 | LoRA | r {trial.lora.r}, alpha {trial.lora.alpha}, dropout {trial.lora.dropout}, targets {", ".join(logged.provenance.get("target_modules_resolved", []))} |
-| training | {trial.training.max_steps} steps, batch {trial.training.batch_size}, lr {trial.training.learning_rate}, {trial.training.lr_scheduler}, seed {trial.training.seed} |
+| training | {_length(trial.training)}, batch {trial.training.batch_size}, lr {trial.training.learning_rate}, {trial.training.lr_scheduler}, seed {trial.training.seed} |
 | data | {trial.data.train} (sha256 {logged.provenance.get("data_hash")}) |
 
 The full config is in `config.yaml`.

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from qsweep.config.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.config.schema import TrialConfig
 from qsweep.train import structure
-from qsweep.train.targets import resolve_target_modules
+from qsweep.resources import variants
 
 MIB = 2**20
 
@@ -129,6 +129,10 @@ class ModelShape:
     head_dim: int
     vocab: int
     glu_mlp: bool
+    experts: tuple[variants.ExpertWeight, ...] = ()  # fused expert weights, none for a dense model
+    experts_per_token: int = 0
+    biases: tuple[tuple[str, int], ...] = ()  # (name, elements) of every bias: what lora.bias may train
+    attention_maps: int = 0  # [seq x seq] maps per head eager attention keeps; 0 with SDPA (variants)
 
 
 @lru_cache(maxsize=16)
@@ -137,7 +141,9 @@ def model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape
     stored = structure.read_once("shape", model_path, trust_remote_code,
                                  lambda: asdict(read_model_shape(model_path, trust_remote_code)))
     layers = {key: tuple(_Linear(**layer) for layer in stored[key]) for key in ("quantized", "linears")}
-    return ModelShape(**{**stored, **layers, "input_group": tuple(tuple(pair) for pair in stored["input_group"])})
+    pairs = {key: tuple(tuple(pair) for pair in stored[key]) for key in ("input_group", "biases")}
+    experts = tuple(variants.ExpertWeight(**weight) for weight in stored["experts"])
+    return ModelShape(**{**stored, **layers, **pairs, "experts": experts})
 
 
 def read_model_shape(model_path: Path, trust_remote_code: bool = False) -> ModelShape:
@@ -204,6 +210,7 @@ def read_model_shape(model_path: Path, trust_remote_code: bool = False) -> Model
         head_dim=head_dim,
         vocab=config.vocab_size,
         glu_mlp=widening >= 2,
+        **variants.variant_fields(model),
     )
 
 
@@ -299,9 +306,10 @@ def activation_bytes(
     padded = batch > 1
     kv = shape.heads if padded else shape.kv_heads
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim * cast + shape.heads * 4 + (seq * cast if padded else 0)
+    attention += variants.eager_attention_bytes(shape, seq, cast)
     # a GLU MLP keeps the gate output (for SiLU), SiLU's output and the up output (for the product);
     # a plain MLP keeps the first projection's output and what its activation function needs.
-    mlp = (3 if shape.glu_mlp else 2) * i * res
+    mlp = variants.moe_bytes_per_token(shape, cast) if shape.experts else (3 if shape.glu_mlp else 2) * i * res
     base_per_layer = tokens * (norms + attention + mlp)
 
     # Every LoRA layer keeps its dropped-out input (for lora_A's gradient), the dropout mask (CUDA:
@@ -322,7 +330,7 @@ def activation_bytes(
     # 2. One layer's backward: gradients into and out of the layer, one MLP-wide gradient, and the
     # 4-bit matmul's dequantized weight (a temporary in the compute dtype; the largest layer's).
     dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
-    layer_work = tokens * (2 * h + i) * res + dequant
+    layer_work = tokens * ((2 * h + i) * res + 2 * variants.eager_attention_bytes(shape, seq, 4)) + dequant
     final_norm = tokens * (h * res + 4)
     # Autocast casts every LoRA weight once per step and keeps the copies, and the fp32 head's copy
     # is kept by its matmul for the backward pass.
@@ -349,21 +357,16 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     quantized_count = sum(q.in_features * q.out_features for q in shape.quantized)
     unquantized = shape.unquantized_params * 4 + shape.buffer_bytes
 
-    targets = resolve_target_modules(lora.target_modules, [layer.name for layer in shape.linears])
-    wrapped = [
-        layer for layer in shape.linears if any(layer.name == t or layer.name.endswith("." + t) for t in targets)
-    ]
+    trains = variants.lora_trainables(shape, lora)
     group = dict(shape.input_group)
-    # LoRA weights are fp32 (peft upcasts adapters), A is r x in and B is out x r.
-    lora_tensors = [n for q in wrapped for n in (lora.r * q.in_features, lora.r * q.out_features)]
-    lora_count = sum(lora_tensors)
+    lora_count = sum(trains.tensors)
     lora_bytes = 4 * lora_count
-    optimizer = optimizer_bytes(lora_tensors, optimizer_name(training.optimizer, dev))
+    optimizer = optimizer_bytes(trains.tensors + trains.biases, optimizer_name(training.optimizer, dev))
 
     compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
     activations = activation_bytes(
         shape,
-        [(q.in_features, group[q.name]) for q in wrapped],
+        [(q.in_features, group[q.name]) for q in trains.wrapped],
         lora.r,
         lora_count,
         lora.dropout,
@@ -373,16 +376,19 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
         dev,
         compute_bytes,
     )
+    activations += variants.variant_activation_bytes(shape, trains, lora, training, trial.data.max_seq_length,
+                                                     dev, compute_bytes)
     overhead = CUDA_CONTEXT_MIB if dev == "cuda" else CPU_RUNTIME_MIB
 
-    parts = [quantized, unquantized, lora_bytes, lora_bytes, optimizer, activations]
+    grads = lora_bytes + 4 * sum(trains.biases)
+    parts = [quantized, unquantized, lora_bytes, grads, optimizer, activations]
     total = sum(parts) / MIB + overhead
     return MemoryEstimate(
         device=dev,
         quantized_weights=quantized / MIB,
         unquantized_weights=unquantized / MIB,
         lora_params=lora_bytes / MIB,
-        lora_grads=lora_bytes / MIB,
+        lora_grads=grads / MIB,
         optimizer_state=optimizer / MIB,
         activations=activations / MIB,
         runtime_overhead=overhead,

@@ -178,9 +178,10 @@ def extreme_trials(sweep: SweepConfig, space: SearchSpace | None,
 def _greedy(sweep: SweepConfig, space: SearchSpace, path: Path, smallest: bool) -> TrialConfig:
     chosen: dict[str, Any] = {}
     for name, spec in space.params.items():
-        options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, name: v}), path, "cpu").total, i, v)
+        key = space.key(name)
+        options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, key: v}), path, "cpu").total, i, v)
                    for i, v in enumerate(spec.edge_values())]
-        chosen[name] = (min(options) if smallest else max(options))[2]
+        chosen[key] = (min(options) if smallest else max(options))[2]
     return apply_params(sweep.trial(), chosen)
 
 

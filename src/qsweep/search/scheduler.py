@@ -42,11 +42,13 @@ class PatientASHA(ASHAScheduler):
         return decision
 
 
-def build_scheduler(sweep: SweepConfig) -> Any:
+def build_scheduler(sweep: SweepConfig, max_steps: int | None = None) -> Any:
+    """`max_steps`: the most steps any trial takes (orchestrate.steps), by default the base trial's."""
     asha = sweep.search.asha
     if not asha.enabled:
         return FIFOScheduler()
     return PatientASHA(
         min_trials_per_rung=asha.min_trials_per_rung, time_attr="step", metric="eval_loss", mode="min",
-        max_t=sweep.training.max_steps, grace_period=asha.grace_steps, reduction_factor=asha.reduction_factor,
+        max_t=max_steps or sweep.training.max_steps, grace_period=asha.grace_steps,
+        reduction_factor=asha.reduction_factor,
     )

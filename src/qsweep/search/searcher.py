@@ -61,12 +61,13 @@ def _storage(folder: Path) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
 
 
-def prepare_study(sweep: SweepConfig, folder: Path) -> Tried:
+def prepare_study(sweep: SweepConfig, folder: Path, space: SearchSpace | None = None) -> Tried:
     """Readies the study for a new Tuner and says what it already holds.
 
     A new Tuner over an existing study means the driver died before Ray saved its experiment state,
     so no trial of the study is still running: each trial left RUNNING is failed and its point
-    enqueued once for a retry, and a baseline point is enqueued only if the study has never seen it.
+    enqueued once for a retry, and a baseline point is enqueued only if the study has never seen it
+    (a baseline gives a tied param's value, which the study knows as its ratio: SearchSpace.trial_point).
     """
     _, modes = searcher_metrics(sweep.search)
     study = optuna.create_study(storage=_storage(folder), study_name=sweep.name, load_if_exists=True,
@@ -75,7 +76,7 @@ def prepare_study(sweep: SweepConfig, folder: Path) -> Tried:
         study.tell(trial.number, state=TrialState.FAIL)
         study.enqueue_trial(trial.system_attrs.get("fixed_params", trial.params), user_attrs={RETRY_OF: trial.number})
     for point in sweep.search.baselines:
-        study.enqueue_trial(point, skip_if_exists=True)
+        study.enqueue_trial(space.trial_point(point, sweep.trial()) if space else point, skip_if_exists=True)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs[RETRY_OF] for t in trials if RETRY_OF in t.user_attrs}
     states = [t.state for t in trials if t.number not in retried]

@@ -38,9 +38,11 @@ def trial_run_name(sweep_name: str, number: int | None, trial: dict[str, Any]) -
 def trial_summary(trial: dict[str, Any]) -> str:
     """The whole config on one line, for the run's description."""
     quant, lora, training = trial["quantization"], trial["lora"], trial["training"]
+    length = (f"{training['max_steps']} steps" if training["max_steps"] is not None
+              else f"{training['num_epochs']:g} epochs")
     double = " + double quant" if quant["double_quant"] else ""
     return (f"{trial['model']['name']} in {quant['quant_type']}{double} ({quant['compute_dtype']} compute) · "
             f"LoRA r {lora['r']}, alpha {lora['alpha']:g}, dropout {lora['dropout']:.3g} on {_targets(trial)} · "
             f"lr {short_float(training['learning_rate'])} {training['lr_scheduler']}, "
-            f"warmup {training['warmup_ratio']:g} · {training['max_steps']} steps × batch {training['batch_size']}"
+            f"warmup {training['warmup_ratio']:g} · {length} × batch {training['batch_size']}"
             f" × accumulation {training['gradient_accumulation_steps']} · seed {training['seed']}")

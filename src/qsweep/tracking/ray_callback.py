@@ -17,7 +17,7 @@ from typing import Any
 from ray.tune import Callback, Stopper
 
 from qsweep import tracking
-from qsweep.config.schema import SweepConfig
+from qsweep.config.schema import TOTAL_STEPS_PARAM, SweepConfig
 from qsweep.search.objective import FAILED, OBJECTIVE
 from qsweep.search.space import apply_params
 from qsweep.tracking import naming
@@ -93,8 +93,10 @@ def error_summary(text: str) -> str:
 
 class MlflowMirror(Callback):
     def __init__(self, sweep: SweepConfig, experiment_id: str, parent_run_id: str, trials_root: Path,
-                 health: SweepHealth):
+                 health: SweepHealth, train_rows: int = 0):
+        """`train_rows`: the training set's size, for trials that train for epochs (orchestrate.steps)."""
         self.sweep = sweep
+        self.train_rows = train_rows
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.trials_root = trials_root
@@ -149,7 +151,8 @@ class MlflowMirror(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         sweep = self.sweep
-        resolved = apply_params(sweep.trial(), trial.config).model_dump(mode="json")
+        resolved_trial = apply_params(sweep.trial(), trial.config)
+        resolved = resolved_trial.model_dump(mode="json")
         name = naming.trial_run_name(sweep.name, naming.trial_number(trial.experiment_tag or ""), resolved)
         run_id = tracking.start_run(
             self.client, self.experiment_id, name,
@@ -159,7 +162,8 @@ class MlflowMirror(Callback):
         )
         self.runs[trial.trial_id] = run_id
         tracking.log_batch(self.client, run_id, params={
-            **tracking.flatten(resolved), **{f"search.{k}": v for k, v in trial.config.items()}})
+            **tracking.flatten(resolved), **{f"search.{k}": v for k, v in trial.config.items()},
+            TOTAL_STEPS_PARAM: resolved_trial.training.total_steps(self.train_rows)})
         tracking.log_dict(self.client, run_id, resolved, "config.json")
         logger.info("trial %s started: %s", trial.trial_id, trial.config)
 

@@ -22,7 +22,7 @@ from qsweep.config.paths import cache_root
 logger = logging.getLogger(__name__)
 
 # Bumped whenever what is stored for a kind changes shape or meaning.
-FORMAT = 1
+FORMAT = 2
 
 
 def structure_key(model_path: Path, kind: str) -> str:

@@ -23,9 +23,10 @@ from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train import chat, quantized
 from qsweep.train.data import data_hash, tokenized_sets
+from qsweep.train.lora import attach_lora  # noqa: F401 - still imported from here by tests and benches
+from qsweep.train.lora import attach_trial_lora, trainer_optimizers, trial_targets
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
-from qsweep.train.targets import linear_module_names, resolve_target_modules
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +128,6 @@ def keep_cpu_weights_unpacked(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(model: Any, r: int, alpha: float, dropout: float, targets: list[str], checkpointing: bool) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
 def _proc_status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -179,19 +172,22 @@ class PeakMemory:
         return (self.model_bytes + growth) / 2**20
 
 
-def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: torch.dtype, has_eval: bool) -> Any:
+def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
+                       train_rows: int = 0) -> Any:
+    """The Trainer's arguments; `train_rows` (the training set's size) is needed with num_epochs."""
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(out_dir / "trainer"),
-        max_steps=training.max_steps,
+        max_steps=training.max_steps or -1,
+        num_train_epochs=training.num_epochs or 1,
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=math.ceil(training.warmup_ratio * training.max_steps),
+        warmup_steps=math.ceil(training.warmup_ratio * training.total_steps(train_rows)),
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
         seed=training.seed,
@@ -210,6 +206,7 @@ def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: t
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        neftune_noise_alpha=training.neftune_noise_alpha,
     )
 
 
@@ -303,9 +300,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     out_dir.mkdir(parents=True, exist_ok=True)
     cap_process(trial.limits.memory_mb)
     model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
-    targets = resolve_target_modules(
-        trial.lora.target_modules, linear_module_names(model_info.path, trial.model.trust_remote_code)
-    )
+    targets = trial_targets(trial.lora, model_info.path, trial.model.trust_remote_code)
     compute_dtype = resolve_compute_dtype(trial.quantization.compute_dtype)
     same_base = untuned_base is not None and untuned_base.config.quantization == trial.quantization
     baseline = score_untuned_base(untuned_base, base_dir) if untuned_base and not same_base else None
@@ -316,9 +311,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     # 4-bit base does not, and the untuned base's scoring (lm-eval reseeds) may come before or after.
     # The Trainer seeds again itself (args.seed) before training.
     set_seed(trial.training.seed)
-    model = attach_lora(
-        model, trial.lora.r, trial.lora.alpha, trial.lora.dropout, targets, trial.training.gradient_checkpointing
-    )
+    model = attach_trial_lora(model, trial.lora, targets, trial.training.gradient_checkpointing)
 
     load_seconds = time.perf_counter() - load_started
     if same_base:
@@ -328,9 +321,11 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     data = trial.data
     train_set, eval_set = tokenized_sets(data, base_dir, tokenizer)
     curve: list[dict[str, float]] = []
+    args = training_arguments(trial.training, out_dir, compute_dtype, eval_set is not None, len(train_set))
     trainer = Trainer(
         model=model,
-        args=training_arguments(trial.training, out_dir, compute_dtype, eval_set is not None),
+        args=args,
+        optimizers=trainer_optimizers(model, args, trial.training.loraplus_lr_ratio),
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
@@ -357,7 +352,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         "model_hash": model_info.content_hash,
         "data_hash": data_hash([data.train, data.validation], base_dir),
         "base_dir": str(base_dir.resolve()),
-        "target_modules_resolved": targets,
+        "target_modules_resolved": targets.modules,
+        **({"target_parameters_resolved": targets.parameters} if targets.parameters else {}),
         "compute_dtype": str(compute_dtype).removeprefix("torch."),
         **({"compute_dtype_reason": fastest_compute_dtype(device_type())[1]}
            if trial.quantization.compute_dtype == "auto" else {}),
@@ -371,6 +367,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     tokens = trainer.state.num_input_tokens_seen
     metrics = {
         "train_loss": float(train_output.training_loss),
+        "train_steps": trainer.state.global_step,
         "peak_memory_mb": peak_mb,
         # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
