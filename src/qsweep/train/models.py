@@ -190,12 +190,14 @@ def random_llama_config(name: str) -> Any:
 
 def build_random_llama(folder: Path, name: str) -> None:
     """A real-size Llama with random bf16 weights (1B: 2.5 GB on disk, 8B: 16 GB), initialised on the
-    GPU when there is one (seconds) and on the CPU otherwise (minutes)."""
+    CPU even where there is a GPU: the process building it is the sweep's driver (or validation),
+    and a model built on the card there would stay outside every trial's share for the whole run,
+    with the CUDA context that came with it. It takes its size in RAM while it is saved."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(random_llama_config(name), dtype=torch.bfloat16)
     model.save_pretrained(folder)
     _tokenizer(512).save_pretrained(folder)
