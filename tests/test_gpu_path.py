@@ -327,6 +327,34 @@ def test_building_a_random_llama_leaves_no_cuda_context_in_the_builder(tmp_path)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"cuda_available": True, "cuda_initialized": False}
 
 
+DRIVER_SIZES = """
+import json, sys, torch
+from qsweep.config.schema import load_sweep
+from qsweep.orchestrate.stages import baseline_key, baseline_trial
+from qsweep.preflight.validate import validate_sweep
+from qsweep.resources.packing import resources_for, this_machine
+from qsweep.train.models import resolve_model
+sweep = load_sweep(sys.argv[1])
+validate_sweep(sweep, sys.argv[1])
+machine = this_machine()
+request = resources_for(sweep, resolve_model(sweep.model.name).path, machine)({})
+baseline_key(baseline_trial(sweep, "nf4"), sweep.base_dir)
+print(json.dumps({"cuda_initialized": torch.cuda.is_initialized(), "card_mb": machine.memory_mb, "gpu": request["gpu"]}))
+"""
+
+
+@pytest.mark.gpu
+def test_the_driver_validates_and_sizes_trials_without_a_cuda_context_of_its_own(tmp_path, tiny_sweep_dict):
+    import torch
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(tiny_sweep_dict))
+    out = subprocess.run([sys.executable, "-c", DRIVER_SIZES, str(path)], capture_output=True, text=True, check=True)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["cuda_initialized"] is False and 0 < seen["gpu"] < 1
+    assert seen["card_mb"] == torch.cuda.get_device_properties(0).total_memory / 2**20  # torch's own figure
+
+
 # --- 6. the CUDA context measured, stored per card and used ---------------------------------------
 
 

@@ -347,8 +347,10 @@ def estimate(
     from rich.table import Table
 
     from qsweep.resources.packing import (
+        Card,
         Machine,
         budget_mb,
+        cuda_machine,
         extreme_trials,
         resource_request,
         this_machine,
@@ -359,9 +361,9 @@ def estimate(
     sweep, space = load_and_validate(sweep_file)
     machine = this_machine()
     if device is not Device.auto and device.value != machine.device:
-        machine = Machine(device.value, 80 * 1024 if device is Device.cuda else machine.memory_mb)
+        machine = cuda_machine(Card(80 * 1024)) if device is Device.cuda else Machine("cpu", machine.memory_mb)
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
-    estimates = {name: trial_estimate(trial, path, machine.device)
+    estimates = {name: trial_estimate(trial, path, machine.device, machine.context_mb)
                  for name, trial in extreme_trials(sweep, space).items()}
     rows = {name: {**e.model_dump(), "budget_mb": budget_mb(e),
                    "request": resource_request(e, machine, sweep.resources.cpus_per_trial)}

@@ -106,6 +106,10 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
 
     setup_seconds = worker_setup_seconds()
     torch.set_num_threads(max(1, threads))
+    if torch.cuda.is_available():
+        # The trial's share is its own: starting CUDA now lets it read its card in-process
+        # (config.policy.cuda_card reads it in a child process where CUDA has not started).
+        torch.cuda.init()
     trial = apply_params(TrialConfig(**base), params)
     out_dir = Path(trials_root) / tune.get_context().get_trial_id()
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from qsweep.config.paths import cache_dir, cache_root
+from qsweep.config.policy import cuda_card
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
@@ -102,13 +103,10 @@ def machine_from_nodes(nodes: list[dict[str, Any]], probe: Callable[[str], Card 
 
 
 def visible_card() -> Card | None:
-    """The first CUDA card this process sees, None without one."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    properties = torch.cuda.get_device_properties(0)
-    return Card(properties.total_memory / 2**20, properties.name)
+    """The first CUDA card this process sees, None without one (read without starting CUDA here:
+    config.policy.cuda_card)."""
+    card = cuda_card()
+    return Card(card.memory_mb, card.name) if card else None
 
 
 def _calibration_data() -> dict[str, Any]:
