@@ -126,8 +126,8 @@ def concurrent_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
     path = sweep_bench.write(workdir, sweep)
     result = sweep_bench.invoke("run", path)
     uri = f"sqlite:///{workdir}/mlflow.db"
-    return {"result": result, "runs": sweep_bench.runs(uri, "claim"), "parents": sweep_bench.runs(uri, "claim", "sweep"),
-            "log": (workdir / "runs" / "claim" / "sweep.log").read_text()}
+    return {"result": result, "runs": sweep_bench.runs(uri, "claim"),
+            "parents": sweep_bench.runs(uri, "claim", "sweep"), "log": (workdir / "runs" / "claim" / "sweep.log").read_text()}
 
 
 @pytest.mark.slow
@@ -339,7 +339,8 @@ validate_sweep(sweep, sys.argv[1])
 machine = this_machine()
 request = resources_for(sweep, resolve_model(sweep.model.name).path, machine)({})
 baseline_key(baseline_trial(sweep, "nf4"), sweep.base_dir)
-print(json.dumps({"cuda_initialized": torch.cuda.is_initialized(), "card_mb": machine.memory_mb, "gpu": request["gpu"]}))
+print(json.dumps({"cuda_initialized": torch.cuda.is_initialized(), "card_mb": machine.memory_mb,
+                  "gpu": request["gpu"]}))
 """
 
 
@@ -375,7 +376,8 @@ def test_trials_are_sized_and_capped_with_the_context_measured_on_their_card(fre
 
     record_cuda_contexts([{"measures": {"cuda_context_mb": 900.0}, "provenance": {"device": "NVIDIA H100"}},
                           {"measures": {"peak_memory_mb": 10.0}, "provenance": {"device": "cpu"}}])
-    machine = machine_from_nodes([{"NodeID": "n", "Resources": {"GPU": 1.0}}], lambda node: Card(CARD_80, "NVIDIA H100"))
+    machine = machine_from_nodes([{"NodeID": "n", "Resources": {"GPU": 1.0}}],
+                                 lambda node: Card(CARD_80, "NVIDIA H100"))
     assert machine == Machine("cuda", CARD_80, "NVIDIA H100", 900.0)
     sweep = SweepConfig(**tiny_sweep_dict)
     estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda", machine.context_mb)

@@ -173,7 +173,8 @@ def untuned_base_for(trial: TrialConfig, pending: dict[str, dict[str, Any]], bas
 
 
 def finish_baselines(sweep: SweepConfig, job: BaselineJob, parent_run_id: str, trial_results: list[dict],
-                     resources: dict[str, float], context_mb: float = CUDA_CONTEXT_MIB) -> dict[str, dict[str, float]]:
+                     resources: dict[str, float], context_mb: float = CUDA_CONTEXT_MIB
+                     ) -> dict[str, dict[str, float]]:
     """Collects the baselines the trials scored, scores any no trial could (its 4-bit type never
     ran with the sweep's settings, or the trial that claimed it failed elsewhere) in Ray tasks,
     caches them, and logs them all to the parent run."""
