@@ -26,6 +26,8 @@ from pathlib import Path
 
 import psutil
 
+PID_REUSE_SLACK_S = 2.0
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -69,9 +71,11 @@ def _alive_here(claim: dict) -> bool:
         return False
     except PermissionError:  # another user's live process
         return True
-    # A pid reused by a later process: the claimant is gone even though the number lives on.
+    # A pid reused by a later process: the claimant is gone even though the number lives on. The
+    # slack covers a start time derived from the boot time in whole seconds; misjudging costs only
+    # a second scoring of the same base.
     try:
-        return psutil.Process(claim["pid"]).create_time() <= claim.get("time", float("inf"))
+        return psutil.Process(claim["pid"]).create_time() <= claim.get("time", float("inf")) + PID_REUSE_SLACK_S
     except psutil.Error:
         return False
 

@@ -3,7 +3,8 @@
 A rank-8 attention-only trial and a rank-128 all-linear trial need very different memory, so a
 fixed `gpu: 0.25` either crashes the big one or idles the card. Ray Tune takes a function of the
 config for the request (`tune.with_resources`); this module is that function, plus the refusal of a
-sweep whose smallest trial cannot fit, and the calibration learned from measured peaks.
+sweep whose smallest trial cannot fit (and of any trial too big for one card, when it starts), and
+what is learned from measured trials: the calibration factor and each card's CUDA context.
 """
 
 from __future__ import annotations
