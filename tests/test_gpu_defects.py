@@ -20,6 +20,7 @@ from qsweep.resources.caps import tensor_fraction
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, MIB
 from qsweep.resources.packing import (
     CARD_MB_RESOURCE,
+    Card,
     Machine,
     UnknownCard,
     budget_mb,
@@ -90,9 +91,9 @@ def test_mixed_cards_are_sized_for_the_smallest_one():
 def test_a_gpu_node_without_a_declared_card_is_probed_on_that_node():
     asked = []
 
-    def probe(node_id: str) -> float:
+    def probe(node_id: str) -> Card:
         asked.append(node_id)
-        return 40 * 1024
+        return Card(40 * 1024)
 
     nodes = [_node("head"), _node("declared", GPU=1.0, **{CARD_MB_RESOURCE: CARD_80}), _node("silent", GPU=2.0)]
     assert machine_from_nodes(nodes, probe) == Machine("cuda", 40 * 1024)
@@ -142,7 +143,7 @@ def test_a_simulated_cluster_with_a_cpu_head_and_two_card_sizes(tiny_sweep_dict,
             context = ray.get_runtime_context()
             return context.get_node_id(), context.get_assigned_resources().get("GPU", 0.0)
 
-        node, share = ray.get(ray.remote(node_and_share).options(**ray_options(request)).remote())
+        node, share = ray.get(ray.remote(**ray_options(request))(node_and_share).remote())
         assert node in gpu_nodes
         # What Ray really assigned (it truncates shares to 1e-4) still holds the whole budget.
         assert tensor_fraction(share, CARD_24, estimate.runtime_overhead) * CARD_24 >= budget_mb(estimate)

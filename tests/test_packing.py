@@ -108,8 +108,9 @@ def test_calibrate_command_reads_measured_peaks_from_mlflow(tmp_path, monkeypatc
     mlflow_client = tracking.client(uri)
     for estimate, peak in pairs:
         run_id = tracking.start_run(mlflow_client, experiment_id, "t", {"qsweep.outcome": "finished"})
+        peaks = {"peak_memory_mb": peak, **({"peak_reserved_mb": peak} if device == "cuda" else {})}
         tracking.log_batch(mlflow_client, run_id, params={"provenance.device": device},
-                           metrics={"memory_estimate_mb": estimate, "peak_memory_mb": peak})
+                           metrics={"memory_estimate_mb": estimate, **peaks})
     result = CliRunner().invoke(app, ["calibrate", "--tracking-uri", uri])
     assert result.exit_code == 0, result.output
     assert calibration(device) == pytest.approx(factor)

@@ -385,8 +385,10 @@ def estimate(
     from rich.table import Table
 
     from qsweep.resources.packing import (
+        Card,
         Machine,
         budget_mb,
+        cuda_machine,
         extreme_trials,
         resource_request,
         this_machine,
@@ -397,9 +399,9 @@ def estimate(
     sweep, space = load_and_validate(sweep_file)
     machine = this_machine()
     if device is not Device.auto and device.value != machine.device:
-        machine = Machine(device.value, 80 * 1024 if device is Device.cuda else machine.memory_mb)
+        machine = cuda_machine(Card(80 * 1024)) if device is Device.cuda else Machine("cpu", machine.memory_mb)
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
-    estimates = {name: trial_estimate(trial, path, machine.device)
+    estimates = {name: trial_estimate(trial, path, machine.device, machine.context_mb)
                  for name, trial in extreme_trials(sweep, space).items()}
     rows = {name: {**e.model_dump(), "budget_mb": budget_mb(e),
                    "request": resource_request(e, machine, sweep.resources.cpus_per_trial)}
@@ -428,8 +430,8 @@ def calibrate(
     experiment: Optional[str] = typer.Option(None, help="only this experiment's trials (default: all)"),
     tracking_uri: str = TRACKING_OPTION,
 ) -> None:
-    """Fit the estimator's correction from measured peaks in MLflow, so later sweeps pack tighter."""
-    from qsweep.resources.packing import fit_calibration, save_calibration
+    """Fit the estimator's correction from measured peaks in MLflow, and learn each card's CUDA context."""
+    from qsweep.resources.packing import fit_calibration, measured_peak, save_calibration, save_cuda_contexts
     from qsweep.tracking import client
 
     mlflow_client = client(tracking_uri)
@@ -439,17 +441,24 @@ def calibrate(
     runs = mlflow_client.search_runs([e.experiment_id for e in experiments],
                                      filter_string="tags.`qsweep.outcome` = 'finished'", max_results=10000)
     by_device: dict[str, list[tuple[float, float]]] = {}
+    contexts: dict[str, list[float]] = {}
     for run in runs:
-        metrics = run.data.metrics
-        if "memory_estimate_mb" in metrics and "peak_memory_mb" in metrics:
-            device = "cpu" if run.data.params.get("provenance.device", "cpu") == "cpu" else "cuda"
-            by_device.setdefault(device, []).append((metrics["memory_estimate_mb"], metrics["peak_memory_mb"]))
+        metrics, card = run.data.metrics, run.data.params.get("provenance.device", "cpu")
+        device = "cpu" if card == "cpu" else "cuda"
+        if "memory_estimate_mb" in metrics and (peak := measured_peak(metrics, device)) is not None:
+            by_device.setdefault(device, []).append((metrics["memory_estimate_mb"], peak))
+        if device == "cuda" and "cuda_context_mb" in metrics:
+            contexts.setdefault(card, []).append(metrics["cuda_context_mb"])
     if not by_device:
-        fail(["no finished trial with both memory_estimate_mb and peak_memory_mb; run a sweep first"])
+        fail(["no finished trial with both memory_estimate_mb and its measured peak (peak_memory_mb; on CUDA "
+              "peak_reserved_mb); run a sweep first"])
     for device, pairs in by_device.items():
         fitted = fit_calibration(pairs)
         path = save_calibration(device, fitted.factor, len(pairs))
         console.print(f"{device}: {len(pairs)} trials, {fitted.reason}: factor {fitted.factor:.3f} saved to {path}")
+    if path := save_cuda_contexts(contexts):
+        for card, values in contexts.items():
+            console.print(f"{card}: CUDA context up to {max(values):,.0f} MiB in {len(values)} trials, saved to {path}")
 
 
 @app.command()

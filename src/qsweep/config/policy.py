@@ -3,15 +3,19 @@
 Decided here once, for the trial that trains and for the estimate that sizes it, so the estimate
 always counts the optimizer state and the activation dtype the trial really has. Both functions take
 the device as an argument: the driver sizes trials for a device it may not have itself (a CPU-only
-head with GPU workers).
+head with GPU workers). The card itself (cuda_card) is read without starting CUDA in the process
+that asks, so the driver never holds GPU memory of its own.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Device = Literal["cuda", "cpu"]
 
@@ -28,11 +32,11 @@ def fastest_compute_dtype(device: Device) -> tuple[str, str]:
     only dot-product instructions and elsewhere bf16 is emulated, slower than fp32.
     """
     if device == "cuda":
-        import torch
-
         # Asked only where a card is present; a driver without one sizes for bf16 (same bytes as fp16).
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            choice = "float16", f"{torch.cuda.get_device_name()} has no bf16"
+        # bf16 is native from compute capability 8 (Ampere) on; older cards would emulate it.
+        card = cuda_card()
+        if card is not None and card.major < 8:
+            choice = "float16", f"{card.name} has no bf16"
         else:
             choice = "bfloat16", "CUDA with bf16"
     elif "amx_bf16" in _cpu_flags():
@@ -41,6 +45,34 @@ def fastest_compute_dtype(device: Device) -> tuple[str, str]:
         choice = "float32", "the CPU has no AMX-BF16, so bf16 would be emulated"
     logger.debug("compute_dtype auto on %s -> %s (%s)", device, *choice)
     return choice
+
+
+class CudaCard(NamedTuple):
+    name: str
+    memory_mb: float
+    major: int  # compute capability
+
+
+# Run in a child process: torch's view of the first visible card, without starting CUDA here.
+_CARD_PROBE = ("import json, torch; p = torch.cuda.get_device_properties(0); "
+               "print(json.dumps([p.name, p.total_memory / 2**20, p.major]))")
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_card() -> CudaCard | None:
+    """The first CUDA card this process sees, as torch describes it; None without one. Read in a
+    child process unless this process has started CUDA already: the sweep's driver, validation and
+    `qsweep estimate` only size trials, and a CUDA context started in the driver would hold memory on
+    the card outside every trial's share for the whole sweep."""
+    import torch
+
+    if not torch.cuda.is_available():  # asks the driver for a device count; starts no context
+        return None
+    if torch.cuda.is_initialized():
+        properties = torch.cuda.get_device_properties(0)
+        return CudaCard(properties.name, properties.total_memory / 2**20, properties.major)
+    probe = subprocess.run([sys.executable, "-c", _CARD_PROBE], capture_output=True, text=True, check=True)
+    return CudaCard(*json.loads(probe.stdout.strip().splitlines()[-1]))
 
 
 def _cpu_flags() -> set[str]:

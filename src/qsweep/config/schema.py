@@ -302,7 +302,19 @@ class ClusterConfig(Strict):
 
 class ResourcesConfig(Strict):
     cpus_per_trial: float = Field(1, gt=0)
-    gpus_per_trial: float | Literal["auto"] = "auto"
+    gpus_per_trial: float | Literal["auto"] = Field(
+        "auto", description="auto = each trial's share from its memory estimate; else a fixed share of one GPU, 0 to 1"
+    )
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _at_most_one_gpu(cls, value: float | str) -> float | str:
+        # A trial is one process training on one card: given two, a 4-bit model still lands on the
+        # first card (device_map) and the Trainer doubles its batch there, so a second GPU packs nothing.
+        if value != "auto" and not 0 <= value <= 1:
+            raise ValueError(f"is {value:g}, but a trial runs on one GPU: use auto (a share sized from each trial's "
+                             "memory estimate) or a fixed share of one GPU between 0 and 1")
+        return value
 
 
 class TrialConfig(Strict):

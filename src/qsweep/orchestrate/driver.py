@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from qsweep.resources.caps import allocator_settings
+
 logger = logging.getLogger(__name__)
 
 
@@ -74,6 +76,8 @@ def connect_ray(address: str | None) -> bool:
     started = time.perf_counter()
     ray.init(address=address, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+        # Set before a trial's torch starts CUDA (see resources.caps).
+        **allocator_settings(dict(os.environ)),
         # glibc otherwise keeps freed tensor memory in the heap: RSS (and the CPU cap) would grow
         # by what was freed, not by what is in use. Blocks of 4 MiB and more (logits, weights) are
         # mmapped and go back when freed; mmapping smaller ones too (activations) made a training

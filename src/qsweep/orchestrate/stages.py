@@ -12,13 +12,14 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from qsweep import tracking
 from qsweep.config.policy import compute_dtype_name
 from qsweep.config.schema import QuantizationConfig, SweepConfig, TrialConfig
 from qsweep.evaluate import cache as evaluation_cache
-from qsweep.resources.caps import cap_process, release_cap
+from qsweep.resources.caps import cap_process, give_back_memory, release_cap
+from qsweep.resources.estimate import CUDA_CONTEXT_MIB
 from qsweep.search.objective import objective_value
 from qsweep.search.space import SearchSpace
 
@@ -28,20 +29,37 @@ STDERR_SUFFIX = "_stderr"
 
 
 @contextmanager
-def capped(memory_mb: float | None) -> Iterator[None]:
-    """Caps a scoring task like the trial it scores (its Ray share, or limits.memory_mb), and lifts a
-    CPU cap afterwards: Ray reuses a CPU task's worker process for the next task."""
-    cap_process(memory_mb)
+def capped(memory_mb: float | None, context_mb: float = CUDA_CONTEXT_MIB) -> Iterator[None]:
+    """Caps a scoring task like the trial it scores (its Ray share less the context its request
+    counted, or limits.memory_mb when smaller), then lifts the cap and gives the task's memory back:
+    Ray reuses a CPU task's worker process for the next task. What the task loaded must be
+    unreferenced by then (loaded and scored in a function that has returned): bitsandbytes' 4-bit
+    weights point back at their layers, so only the collection here frees them."""
+    cap_process(memory_mb, context_mb)
     try:
         yield
     finally:
         release_cap()
+        give_back_memory()
 
 
 def ray_options(resources: dict[str, float]) -> dict[str, Any]:
-    """A trial's resource request as options of a Ray task scoring the same model."""
-    return {"num_cpus": resources.get("cpu", 1), "num_gpus": resources.get("gpu", 0),
-            "memory": resources.get("memory")}
+    """A trial's resource request as the options of a Ray task scoring the same model (for
+    `ray.remote(**options)`, see scoring_task). A GPU task gets a fresh worker process (max_calls=1):
+    an idle worker would keep its CUDA context and cache on the card outside any share, and a reused
+    one stays on the card it first used."""
+    gpus = resources.get("gpu", 0)
+    return {"num_cpus": resources.get("cpu", 1), "num_gpus": gpus, "memory": resources.get("memory"),
+            "max_calls": 1 if gpus else 0}
+
+
+def scoring_task(function: Callable[..., Any], resources: dict[str, float]) -> Any:
+    """`function` as a Ray task sized like a trial. The options go to `ray.remote` itself: given
+    through `.options()`, `num_gpus` leaves max_calls unlimited (Ray sets 1 only in the decorator) and
+    max_calls there is refused."""
+    import ray
+
+    return ray.remote(**ray_options(resources))(function)
 
 
 def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
@@ -53,25 +71,20 @@ def quant_types(sweep: SweepConfig, space: SearchSpace | None) -> list[str]:
     return types
 
 
-def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int) -> dict[str, Any]:
+def score_baseline(trial_dict: dict[str, Any], base_dir: str, threads: int,
+                   context_mb: float = CUDA_CONTEXT_MIB) -> dict[str, Any]:
     """The untuned base model, quantized like the trials, on the same items."""
     import time
 
     import torch
 
-    from qsweep.evaluate.harness import score
-    from qsweep.train.chat import read_template
-    from qsweep.train.models import resolve_model
-    from qsweep.train.trial import load_base
+    from qsweep.train.trial import score_base
 
     started = time.perf_counter()
     torch.set_num_threads(max(1, threads))
     trial = TrialConfig(**trial_dict)
-    with capped(trial.limits.memory_mb):
-        model_info = resolve_model(trial.model.name, trial.model.revision, Path(base_dir))
-        model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code,
-                                     chat_template=read_template(trial.data.chat_template, Path(base_dir)))
-        result = score(model, tokenizer, trial.evaluation, Path(base_dir))
+    with capped(trial.limits.memory_mb, context_mb):
+        result = score_base(trial, Path(base_dir))
     return {"scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
 
 
@@ -138,9 +151,12 @@ def start_baselines(sweep: SweepConfig, types: list[str], parent_run_id: str) ->
     return job
 
 
-def pending_baselines(sweep: SweepConfig, job: BaselineJob) -> dict[str, dict[str, Any]]:
-    """What each trial is told: per 4-bit type, the key and quantization of the baseline still missing."""
-    return {quant: {"key": key, "quantization": baseline_trial(sweep, quant).quantization.model_dump(mode="json")}
+def pending_baselines(sweep: SweepConfig, job: BaselineJob, claims_dir: Path) -> dict[str, dict[str, Any]]:
+    """What each trial is told: per 4-bit type, the key and quantization of the baseline still missing,
+    and the file in `claims_dir` (the sweep's output folder, which every node sees) through which the
+    first trial to ask claims its scoring (evaluate.claims)."""
+    return {quant: {"key": key, "quantization": baseline_trial(sweep, quant).quantization.model_dump(mode="json"),
+                    "claim": str(claims_dir / f"{key}.claim")}
             for quant, (key, _) in job.pending.items()}
 
 
@@ -155,21 +171,23 @@ def untuned_base_for(trial: TrialConfig, pending: dict[str, dict[str, Any]], bas
         return None
     config = trial.model_copy(update={"quantization": QuantizationConfig(**wanted["quantization"])})
     key, ingredients = baseline_key(config, base_dir)
-    return UntunedBase(config, key, ingredients) if key == wanted["key"] else None
+    return UntunedBase(config, key, ingredients, Path(wanted["claim"])) if key == wanted["key"] else None
 
 
 def finish_baselines(sweep: SweepConfig, job: BaselineJob, parent_run_id: str, trial_results: list[dict],
-                     resources: dict[str, float]) -> dict[str, dict[str, float]]:
+                     resources: dict[str, float], context_mb: float = CUDA_CONTEXT_MIB
+                     ) -> dict[str, dict[str, float]]:
     """Collects the baselines the trials scored, scores any no trial could (its 4-bit type never
-    ran with the sweep's settings) in Ray tasks, caches them, and logs them all to the parent run."""
+    ran with the sweep's settings, or the trial that claimed it failed elsewhere) in Ray tasks,
+    caches them, and logs them all to the parent run."""
     import ray
 
     scored = {b["key"]: b for r in trial_results if isinstance(b := r.get("baseline"), dict)}
     missing = {quant: entry for quant, entry in job.pending.items()
                if entry[0] not in scored and evaluation_cache.load(entry[0]) is None}
-    remote = ray.remote(score_baseline).options(**ray_options(resources))
+    remote = scoring_task(score_baseline, resources)
     refs = {quant: remote.remote(baseline_trial(sweep, quant).model_dump(mode="json"), str(sweep.base_dir),
-                                 max(1, int(resources.get("cpu", 1)))) for quant in missing}
+                                 max(1, int(resources.get("cpu", 1))), context_mb) for quant in missing}
     seconds = {}
     for quant, (key, ingredients) in job.pending.items():
         outcome = ray.get(refs[quant]) if quant in refs else scored.get(key)
@@ -213,27 +231,33 @@ def log_deltas(uri: str, runs: dict[str, Any], baselines: dict[str, dict[str, fl
             tracking.log_batch(mlflow_client, run.info.run_id, metrics=values)
 
 
-def score_final(trial_dir: str, stage: dict[str, Any], threads: int) -> dict[str, Any]:
+def score_final(trial_dir: str, stage: dict[str, Any], threads: int, context_mb: float = CUDA_CONTEXT_MIB
+                ) -> dict[str, Any]:
     """Reloads a trial's adapter exactly as logged and scores it on the final stage's items."""
     import torch
 
-    from qsweep.config.schema import FinalStageConfig
-    from qsweep.evaluate.harness import score
-    from qsweep.report.replay import load_trained
     from qsweep.train.provenance import CONFIG_FILE, read_trial_config
 
     torch.set_num_threads(max(1, threads))
     folder = Path(trial_dir)
     trial, provenance = read_trial_config(folder / CONFIG_FILE)
-    base_dir = Path(provenance["base_dir"])
-    with capped(trial.limits.memory_mb):
-        model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
-        result = score(model, tokenizer, trial.evaluation, base_dir, stage=FinalStageConfig(**stage))
+    with capped(trial.limits.memory_mb, context_mb):
+        result = _score_trained(trial, folder, Path(provenance["base_dir"]), stage)
     return {"scores": result.scores, "items": result.items}
 
 
+def _score_trained(trial: TrialConfig, folder: Path, base_dir: Path, stage: dict[str, Any]) -> Any:
+    """lm-eval's result on the trained adapter; the model is unreferenced once this returns (see capped)."""
+    from qsweep.config.schema import FinalStageConfig
+    from qsweep.evaluate.harness import score
+    from qsweep.report.replay import load_trained
+
+    model, tokenizer = load_trained(trial, folder / "adapter", base_dir)
+    return score(model, tokenizer, trial.evaluation, base_dir, stage=FinalStageConfig(**stage))
+
+
 def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
-                    resources: dict[str, float]) -> dict[str, Any]:
+                    resources: dict[str, float], context_mb: float = CUDA_CONTEXT_MIB) -> dict[str, Any]:
     """Re-scores the top_k finished trials (by their cheap score) in parallel Ray tasks."""
     import ray
 
@@ -244,9 +268,9 @@ def run_final_stage(sweep: SweepConfig, runs: dict[str, Any], trials_root: Path,
         return {}
     reverse = sweep.search.direction == "maximize"
     top = sorted(finished, key=lambda r: r.data.metrics[metric], reverse=reverse)[:final.top_k]
-    remote = ray.remote(score_final).options(**ray_options(resources))
+    remote = scoring_task(score_final, resources)
     refs = {run.info.run_id: remote.remote(str(trials_root / run.data.tags["qsweep.trial_id"]), final.model_dump(),
-                                           max(1, int(resources.get("cpu", 1))))
+                                           max(1, int(resources.get("cpu", 1))), context_mb)
             for run in top}
     mlflow_client = tracking.client(sweep.tracking.uri)
     results = {}

@@ -21,12 +21,12 @@ from typing import Any, Callable, Iterator
 
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
-from qsweep.orchestrate import stages
+from qsweep.orchestrate import sharing, stages
 from qsweep.orchestrate.cluster import cluster_machine
 from qsweep.orchestrate.driver import ray_started_beside, timed_phase
 from qsweep.orchestrate.live import LiveView
 from qsweep.orchestrate.steps import longest_trial_steps, train_rows
-from qsweep.resources.packing import Machine, resources_for
+from qsweep.resources.packing import Machine, calibration, refuse_oversized, resources_for
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import Tried, build_searcher, prepare_study
@@ -94,9 +94,12 @@ def worker_setup_seconds() -> float:
 
 
 def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, trials_root: str,
-                search: dict[str, Any], threads: int, pending_baselines: dict[str, dict[str, Any]]) -> None:
+                search: dict[str, Any], threads: int, pending_baselines: dict[str, dict[str, Any]],
+                machine: Machine, calibration_factor: float) -> None:
     """The Ray Tune trainable: one trial in a Ray worker process, which Ray Tune may reuse for a later
-    trial once this one has given back its memory and its cap."""
+    trial once this one has given back its memory and its cap. `machine` and `calibration_factor`
+    are what the driver sized its request with: a trial too big for one card is refused from them,
+    and the cap leaves the context the request counted."""
     import torch
     from ray import tune
 
@@ -104,12 +107,17 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
 
     setup_seconds = worker_setup_seconds()
     torch.set_num_threads(max(1, threads))
+    if torch.cuda.is_available():
+        # The trial's share is its own: starting CUDA now lets it read its card in-process
+        # (config.policy.cuda_card reads it in a child process where CUDA has not started).
+        torch.cuda.init()
     trial = apply_params(TrialConfig(**base), params)
     out_dir = Path(trials_root) / tune.get_context().get_trial_id()
     try:
         with trial_log(out_dir / TRIAL_LOG):
             logger.info("config: %s", params)
-            _train_and_report(trial, base_dir, out_dir, SearchConfig(**search), pending_baselines, setup_seconds)
+            _train_and_report(trial, base_dir, out_dir, SearchConfig(**search), pending_baselines, setup_seconds,
+                              machine, calibration_factor)
     finally:
         # Also when ASHA stops the trial: Ray Tune ends it by raising SystemExit in its report call.
         release_cap()
@@ -118,15 +126,19 @@ def train_trial(params: dict[str, Any], base: dict[str, Any], base_dir: str, tri
 
 def _train_and_report(trial: TrialConfig, base_dir: str, out_dir: Path,
                       search_config: SearchConfig, pending_baselines: dict[str, dict[str, Any]],
-                      setup_seconds: float) -> None:
+                      setup_seconds: float, machine: Machine, calibration_factor: float) -> None:
     from ray import tune
 
     from qsweep.resources.caps import release_cap
+    from qsweep.train.models import resolve_model
     from qsweep.train.trial import run_trial
 
     try:
+        model_path = resolve_model(trial.model.name, trial.model.revision, Path(base_dir)).path
+        refuse_oversized(trial, model_path, machine, calibration_factor)
         untuned_base = stages.untuned_base_for(trial, pending_baselines, Path(base_dir))
-        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base)
+        outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base,
+                            context_mb=machine.context_mb)
         outcome.metrics["setup_seconds"] = setup_seconds
         objective = objective_value(outcome.scores, search_config)
     except Exception:
@@ -196,6 +208,7 @@ def _trainable(sweep: SweepConfig, trials_root: Path, machine: Machine,
             train_trial, base=sweep.trial().model_dump(mode="json"), base_dir=str(sweep.base_dir),
             trials_root=str(trials_root), search=sweep.search.model_dump(mode="json"),
             threads=max(1, int(sweep.resources.cpus_per_trial)), pending_baselines=pending_baselines,
+            machine=machine, calibration_factor=calibration(machine.device),
         ),
         resources_for(sweep, model_path, machine),
     )
@@ -295,21 +308,23 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
     with timed_phase("setup"):
         machine = cluster_machine()
         logger.info("trials are sized for %s with %.0f MiB", machine.device, machine.memory_mb)
+        sharing.log_gpu_sharing(sweep.tracking.uri, state.parent_run_id, machine)
         resources = resources_for(sweep, resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
                                   machine)({})
         types = stages.quant_types(sweep, space)
         baseline_job = stages.start_baselines(sweep, types, state.parent_run_id)
-        pending = stages.pending_baselines(sweep, baseline_job)
+        pending = stages.pending_baselines(sweep, baseline_job, folder / "baselines")
     with timed_phase("trials"):
         grid, earlier = _run_trials(sweep, space, folder, state, machine, resuming, pending, rows)
+        sharing.record_cuda_contexts([r.metrics or {} for r in grid])
     with timed_phase("baselines"):
         baselines = stages.finish_baselines(sweep, baseline_job, state.parent_run_id,
-                                            [r.metrics or {} for r in grid], resources)
+                                            [r.metrics or {} for r in grid], resources, machine.context_mb)
     with timed_phase("deltas"):
         runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
     with timed_phase("final_stage"):
-        final = stages.run_final_stage(sweep, runs, folder / "trials", resources)
+        final = stages.run_final_stage(sweep, runs, folder / "trials", resources, machine.context_mb)
     # Nothing needs Ray from here on: it goes down (from this, the main thread) while the search
     # insight and the report are written, instead of after them.
     with ThreadPoolExecutor(1, thread_name_prefix="wrap-up") as pool:

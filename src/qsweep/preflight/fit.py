@@ -1,26 +1,42 @@
-"""The fit check: the smallest trial the sweep can run must fit this machine's device.
+"""The fit check: the smallest trial the sweep can run must fit this machine's device; when the largest
+cannot, that is said before the sweep starts (such trials are refused one by one when suggested).
 
 Estimated from the model's config.json alone (resources.estimate), so a skeleton folder will do.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qsweep.config.schema import SweepConfig
 from qsweep.search.space import SearchSpace
 from qsweep.train.models import is_local_or_embedded
 
+if TYPE_CHECKING:
+    from qsweep.resources.packing import Machine
 
-def check_fits(sweep: SweepConfig, space: SearchSpace | None, model_folder: Path) -> list[str]:
+logger = logging.getLogger(__name__)
+
+
+def check_fits(sweep: SweepConfig, space: SearchSpace | None, model_folder: Path,
+               machine: Machine | None = None) -> list[str]:
+    """The problem of a sweep whose smallest trial cannot fit `machine` (this one by default)."""
     from qsweep.resources.packing import DoesNotFit, check_fits, extreme_trials, this_machine, trial_estimate
 
     if not is_local_or_embedded(sweep.model.name, sweep.base_dir):
         return []  # a hub model's size is known only once it is downloaded, at run time
-    machine = this_machine()
-    smallest = extreme_trials(sweep, space, model_folder)["smallest"]
+    machine = machine or this_machine()
+    extremes = extreme_trials(sweep, space, model_folder)
     try:
-        check_fits(trial_estimate(smallest, model_folder, machine.device), machine)
+        check_fits(trial_estimate(extremes["smallest"], model_folder, machine.device, machine.context_mb), machine)
     except DoesNotFit as exc:
         return [f"resources: {exc}"]
+    try:
+        check_fits(trial_estimate(extremes["largest"], model_folder, machine.device, machine.context_mb), machine,
+                   "the largest trial the search space allows")
+    except DoesNotFit as exc:
+        logger.warning("%s. Trials that large are refused when suggested (each fails at once, before loading, "
+                       "with its numbers) and the sweep goes on; narrow the search space to avoid them", exc)
     return []

@@ -1,10 +1,14 @@
 """Capping a process to its memory share: the one place trials, baselines and the final stage do it.
 
 A packed process that overruns its share must hit its own out-of-memory error, never a neighbour's.
-On CUDA the cap is torch's per-process fraction of the card, which counts tensors only: the CUDA
-context (driver state, kernels, cuBLAS workspace) sits outside it. Ray's GPU share was sized as the
-tensors' budget plus that context (packing.resource_request), so the cap is the share less the
-context; capping at the whole share would let each of N packed trials overrun by a context.
+On CUDA the cap is torch's per-process fraction of the card, which limits what torch's caching
+allocator reserves (its segments, cached free blocks included): the CUDA context (driver state,
+kernels, cuBLAS workspace) sits outside it. Ray's GPU share was sized as the reserved budget plus
+that context (packing.resource_request; the context measured on this card once known, see
+packing.cuda_context), so the cap is the share less the context; capping at the whole share would
+let each of N packed trials overrun by a context. With limits.memory_mb set too, the smaller of the
+two holds. Trial processes run with `expandable_segments:True` (allocator_settings), so reserved
+memory stays close to what is allocated instead of fragmenting over variable batch shapes.
 On a CPU the cap is the data segment limit (RLIMIT_DATA), set only for an explicit limits.memory_mb.
 """
 
@@ -29,6 +33,22 @@ def tensor_fraction(share: float, card_mb: float, context_mb: float = CUDA_CONTE
     return min(1.0, room / card_mb)
 
 
+# torch reads the first; newer torch also reads the second (which then takes precedence for some keys).
+ALLOC_CONF_VARIABLES = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+EXPANDABLE = "expandable_segments"
+
+
+def allocator_settings(environ: dict[str, str]) -> dict[str, str]:
+    """The allocator setting a trial process starts with: the user's own (either variable), with
+    `expandable_segments:True` added unless it already says how to use them. Segments that grow in
+    place keep reserved memory (what the cap limits) close to allocated memory when batch shapes vary;
+    with fixed-size segments the two drift apart by 10-40% and a trial hits its cap early."""
+    for name in ALLOC_CONF_VARIABLES:
+        if value := environ.get(name, "").strip():
+            return {name: value if EXPANDABLE in value else f"{value},{EXPANDABLE}:True"}
+    return {ALLOC_CONF_VARIABLES[0]: f"{EXPANDABLE}:True"}
+
+
 def ray_gpu_share() -> float | None:
     """The GPU share Ray assigned to this process, None outside a Ray worker or without a GPU."""
     ray = sys.modules.get("ray")  # a process Ray did not start has not imported it: nothing assigned
@@ -37,21 +57,27 @@ def ray_gpu_share() -> float | None:
     return ray.get_runtime_context().get_assigned_resources().get("GPU") or None
 
 
-def cap_process(memory_mb: float | None) -> None:
-    """Caps this process: at `memory_mb` of tensors when given (limits.memory_mb), else on CUDA at
-    its Ray GPU share less the context. Without either, the process is left uncapped."""
+def cuda_fraction(memory_mb: float | None, share: float | None, card_mb: float,
+                  context_mb: float = CUDA_CONTEXT_MIB) -> float | None:
+    """The fraction of the card a process may reserve: its Ray share less the context, `memory_mb`
+    (limits.memory_mb) when that is smaller, None when neither applies (uncapped)."""
+    fractions = [min(1.0, memory_mb / card_mb)] if memory_mb is not None else []
+    if share:
+        fractions.append(tensor_fraction(share, card_mb, context_mb))
+    return min(fractions, default=None)
+
+
+def cap_process(memory_mb: float | None, context_mb: float = CUDA_CONTEXT_MIB) -> None:
+    """Caps this process: on CUDA at its Ray GPU share less `context_mb` (the context its request
+    counted), or at `memory_mb` (limits.memory_mb) when smaller; on a CPU at `memory_mb`. Without
+    either, the process is left uncapped."""
     import torch
 
     if torch.cuda.is_available():
         card_mb = torch.cuda.get_device_properties(0).total_memory / MIB
-        share = ray_gpu_share()
-        if memory_mb is not None:
-            fraction = min(1.0, memory_mb / card_mb)
-        elif share:
-            fraction = tensor_fraction(share, card_mb)
-        else:
-            return
-        torch.cuda.set_per_process_memory_fraction(fraction)
+        fraction = cuda_fraction(memory_mb, ray_gpu_share(), card_mb, context_mb)
+        if fraction is not None:
+            torch.cuda.set_per_process_memory_fraction(fraction)
         return
     if memory_mb is None:
         return

@@ -18,7 +18,8 @@ gradients, although at the loss moment they do not exist yet (a small, deliberat
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
 bench/results/estimator_cpu.json: within 5% of the allocator peak). The bf16-autocast dtypes were
 checked by running the forward pass under CPU autocast and summing what autograd saves per layer;
-the CUDA-only terms (context, one-byte dropout masks) are not measured.
+the CUDA-only terms (context, one-byte dropout masks) are not measured here; on CUDA a trial's
+peak is what torch's allocator reserves, which this estimate (`tensors`) is compared with.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ NESTED_CODE_BYTES = 256 * 4 + 4
 OPT8_BLOCK = 256
 OPT8_MIN_SIZE = 4096
 
-# What a CUDA process holds before its first tensor: driver context, kernels loaded lazily, cuBLAS
-# workspace. Commonly reported figures for torch 2.x on A100/H100 are 400-550 MiB (not measured
-# here yet); the high end is used because a trial that does not fit costs more than an idle slot.
+# What a CUDA process holds outside torch's allocator: driver context, the kernels of torch, cuBLAS(Lt),
+# attention and bitsandbytes as they load. Only the default: each trial measures its own through NVML
+# (`cuda_context_mb`), and once measured on a card that figure replaces this one there
+# (resources.packing.cuda_context). 0.6-1 GB is common with all those kernels loaded; this guess is
+# from torch 2.x reports of a bare context and may be low.
 CUDA_CONTEXT_MIB = 550.0
 
 # On the CPU, what grows during training besides tensors (autograd graph, Trainer and dataloader
@@ -85,8 +88,8 @@ class MemoryEstimate(BaseModel):
 
     @property
     def tensors(self) -> float:
-        """The tensor part, comparable with torch.cuda.max_memory_allocated (or the CPU allocator's
-        peak). Paged optimizer state lives in CUDA managed memory, which that counter leaves out."""
+        """The tensor part, what a trial's peak_memory_mb is compared with (CUDA: torch's reserved
+        peak, which the cap limits). Paged optimizer state lives in managed memory, outside it."""
         return self.total - self.runtime_overhead
 
     def format(self, title: str = "") -> str:
@@ -345,8 +348,10 @@ def activation_bytes(
     return inputs + final_norm + copies + max(loss, one_layer + layer_work)
 
 
-def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
-    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json only."""
+def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
+                          context_mb: float = CUDA_CONTEXT_MIB) -> MemoryEstimate:
+    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json only;
+    on CUDA with `context_mb` for the process's context (measured on the card, once known)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     dev: Device = "cuda" if device == "cuda" else "cpu"
@@ -378,7 +383,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     )
     activations += variants.variant_activation_bytes(shape, trains, lora, training, trial.data.max_seq_length,
                                                      dev, compute_bytes)
-    overhead = CUDA_CONTEXT_MIB if dev == "cuda" else CPU_RUNTIME_MIB
+    overhead = context_mb if dev == "cuda" else CPU_RUNTIME_MIB
 
     grads = lora_bytes + 4 * sum(trains.biases)
     parts = [quantized, unquantized, lora_bytes, grads, optimizer, activations]

@@ -3,7 +3,8 @@
 A rank-8 attention-only trial and a rank-128 all-linear trial need very different memory, so a
 fixed `gpu: 0.25` either crashes the big one or idles the card. Ray Tune takes a function of the
 config for the request (`tune.with_resources`); this module is that function, plus the refusal of a
-sweep whose smallest trial cannot fit, and the calibration learned from measured peaks.
+sweep whose smallest trial cannot fit (and of any trial too big for one card, when it starts), and
+what is learned from measured trials: the calibration factor and each card's CUDA context.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from qsweep.config.paths import cache_dir, cache_root
+from qsweep.config.policy import cuda_card
 from qsweep.config.schema import SweepConfig, TrialConfig
-from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
+from qsweep.resources.estimate import CUDA_CONTEXT_MIB, MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
 
 logger = logging.getLogger(__name__)
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 # Headroom over the (calibrated) estimate: allocator fragmentation and what the estimate leaves out.
 SAFETY_MARGIN = 1.15
 CALIBRATION_FILE = "calibration.json"
+# In the calibration file: the CUDA context measured per card name.
+CONTEXT_KEY = "cuda_context"
 # Ray rounds resource requests to 4 decimals.
 RAY_PRECISION = 1e-4
 
@@ -37,16 +41,25 @@ class DoesNotFit(ValueError):
 class Machine:
     device: str  # "cuda" or "cpu"
     memory_mb: float  # one card's memory on CUDA, the machine's RAM on a CPU
+    card: str | None = None  # the CUDA card's name, when known
+    # One CUDA process's context on that card: measured there once known (cuda_context), else a guess.
+    context_mb: float = CUDA_CONTEXT_MIB
+
+
+class Card(NamedTuple):
+    memory_mb: float
+    name: str | None = None
+
+
+def cuda_machine(card: Card) -> Machine:
+    return Machine("cuda", card.memory_mb, card.name, cuda_context(card.name))
 
 
 def this_machine() -> Machine:
     """The machine this process runs on: for validation and `qsweep estimate`, before any cluster.
     A sweep sizes its trials with cluster_machine() instead, once Ray is up."""
-    import torch
-
-    if torch.cuda.is_available():
-        return Machine("cuda", torch.cuda.get_device_properties(0).total_memory / 2**20)
-    return Machine("cpu", _ram_mb())
+    card = visible_card()
+    return cuda_machine(card) if card else Machine("cpu", _ram_mb())
 
 
 def _ram_mb() -> float:
@@ -64,55 +77,93 @@ class UnknownCard(RuntimeError):
     pass
 
 
-def machine_from_nodes(nodes: list[dict[str, Any]], probe: Callable[[str], float | None]) -> Machine:
+def machine_from_nodes(nodes: list[dict[str, Any]], probe: Callable[[str], Card | None]) -> Machine:
     """GPU trials when any node has a GPU, sized for the smallest card among the GPU nodes: Ray may
     place a trial on any of them, and a share sized for a larger card would overrun a smaller one.
     Each node's card is its declared CARD_MB_RESOURCE, else what `probe(node_id)` reads on it."""
     gpu_nodes = [n for n in nodes if n.get("Resources", {}).get("GPU", 0) > 0]
     if not gpu_nodes:
         return Machine("cpu", _ram_mb())
-    cards: dict[str, float] = {}
+    cards: dict[str, Card] = {}
     for node in gpu_nodes:
-        card = node["Resources"].get(CARD_MB_RESOURCE) or probe(node["NodeID"])
+        declared = node["Resources"].get(CARD_MB_RESOURCE)
+        card = Card(float(declared)) if declared else probe(node["NodeID"])
         if not card:
             raise UnknownCard(
                 f"Ray node {node['NodeID']} ({node.get('NodeManagerAddress', '?')}) has GPUs, but no CUDA card could be "
                 f"read there; start it with --resources '{{\"{CARD_MB_RESOURCE}\": MIB}}' naming one card's memory"
             )
-        cards[node["NodeID"]] = float(card)
-    smallest = min(cards.values())
-    if max(cards.values()) > smallest:
+        cards[node["NodeID"]] = card
+    sizes = {card.memory_mb for card in cards.values()}
+    smallest = min(sizes)
+    if len(sizes) > 1:
         logger.warning("GPU nodes have cards of %s MiB: trial shares are sized for the smallest, so larger cards "
-                       "hold fewer trials than they could; run on one card type to pack each card fully",
-                       sorted(set(cards.values())))
-    return Machine("cuda", smallest)
+                       "hold fewer trials than they could; run on one card type to pack each card fully", sorted(sizes))
+    names = {card.name for card in cards.values() if card.memory_mb == smallest}
+    return cuda_machine(Card(smallest, names.pop() if len(names) == 1 else None))
 
 
-def visible_card_mb() -> float | None:
-    import torch
+def visible_card() -> Card | None:
+    """The first CUDA card this process sees, None without one (read without starting CUDA here:
+    config.policy.cuda_card)."""
+    card = cuda_card()
+    return Card(card.memory_mb, card.name) if card else None
 
-    return torch.cuda.get_device_properties(0).total_memory / 2**20 if torch.cuda.is_available() else None
+
+def _calibration_data() -> dict[str, Any]:
+    path = cache_root() / CALIBRATION_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def cuda_context(card: str | None) -> float:
+    """One CUDA process's context on `card` (a device name, as torch names it): the largest measured
+    there (`cuda_context_mb` of earlier trials, stored by a sweep or `qsweep calibrate`), else
+    CUDA_CONTEXT_MIB. For an unnamed card, the largest measured on any card if that is more."""
+    measured = {name: float(entry["mb"]) for name, entry in _calibration_data().get(CONTEXT_KEY, {}).items()}
+    if card is None:
+        return max([CUDA_CONTEXT_MIB, *measured.values()])
+    return measured.get(card, CUDA_CONTEXT_MIB)
+
+
+def save_cuda_contexts(measured: dict[str, list[float]]) -> Path | None:
+    """Stores the largest context measured per card (each card's list of `cuda_context_mb`), kept
+    when an earlier one was larger: a process needs room for its largest context."""
+    measured = {card: values for card, values in measured.items() if card and values}
+    if not measured:
+        return None
+    path = cache_dir() / CALIBRATION_FILE
+    data = _calibration_data()
+    stored = data.setdefault(CONTEXT_KEY, {})
+    for card, values in measured.items():
+        before = stored.get(card, {"mb": 0.0, "runs": 0})
+        stored[card] = {"mb": max(before["mb"], *values), "runs": before["runs"] + len(values)}
+    path.write_text(json.dumps(data, indent=2))
+    return path
 
 
 def calibration(device: str) -> float:
     """The factor learned by `qsweep calibrate` (measured / estimated peak), 1.0 until then."""
-    path = cache_root() / CALIBRATION_FILE
-    if not path.exists():
-        return 1.0
-    return float(json.loads(path.read_text()).get(device, {}).get("factor", 1.0))
+    return float(_calibration_data().get(device, {}).get("factor", 1.0))
 
 
-def budget_mb(estimate: MemoryEstimate) -> float:
-    """What one trial is given: the calibrated estimate with the safety margin. On CUDA the context
-    is outside torch's allocator (and outside its per-process cap), so only tensors count there."""
+def budget_mb(estimate: MemoryEstimate, factor: float | None = None) -> float:
+    """What one trial is given: the estimate calibrated (by `factor`, else this machine's calibration)
+    with the safety margin. On CUDA the context is outside torch's allocator (and outside its
+    per-process cap), so only tensors count there."""
     needed = estimate.tensors if estimate.device == "cuda" else estimate.total
-    return needed * calibration(estimate.device) * SAFETY_MARGIN
+    return needed * (calibration(estimate.device) if factor is None else factor) * SAFETY_MARGIN
+
+
+def needed_mb(estimate: MemoryEstimate, factor: float | None = None) -> float:
+    """What one trial takes of its device: its budget, plus its CUDA context on a card."""
+    return budget_mb(estimate, factor) + (estimate.runtime_overhead if estimate.device == "cuda" else 0)
 
 
 def resource_request(estimate: MemoryEstimate, machine: Machine, cpus: float) -> dict[str, float]:
+    """A trial's Ray request. A GPU share over one card is clamped to the card, so Ray still places
+    the trial, which then refuses itself (refuse_oversized) instead of waiting forever for a card."""
     if machine.device == "cuda":
-        share = (budget_mb(estimate) + estimate.runtime_overhead) / machine.memory_mb
-        return {"cpu": cpus, "gpu": ray_share(share)}
+        return {"cpu": cpus, "gpu": ray_share(needed_mb(estimate) / machine.memory_mb)}
     return {"cpu": cpus, "memory": math.ceil(on_cpu_ladder(budget_mb(estimate)) * 2**20)}
 
 
@@ -138,8 +189,9 @@ def ray_share(share: float) -> float:
     return min(1.0, units * RAY_PRECISION)
 
 
-def trial_estimate(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
-    return estimate_trial_memory(trial, model_path, device)
+def trial_estimate(trial: TrialConfig, model_path: Path, device: str,
+                   context_mb: float = CUDA_CONTEXT_MIB) -> MemoryEstimate:
+    return estimate_trial_memory(trial, model_path, device, context_mb)
 
 
 def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Callable[[dict], dict[str, float]]:
@@ -152,7 +204,7 @@ def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Cal
         if machine.device == "cuda" and fixed != "auto":
             return {"cpu": cpus, "gpu": float(fixed)}
         trial = apply_params(base, config)
-        return resource_request(trial_estimate(trial, model_path, machine.device), machine, cpus)
+        return resource_request(trial_estimate(trial, model_path, machine.device, machine.context_mb), machine, cpus)
 
     return request
 
@@ -185,15 +237,28 @@ def _greedy(sweep: SweepConfig, space: SearchSpace, path: Path, smallest: bool) 
     return apply_params(sweep.trial(), chosen)
 
 
-def check_fits(smallest: MemoryEstimate, machine: Machine) -> None:
-    needed = budget_mb(smallest) + (smallest.runtime_overhead if machine.device == "cuda" else 0)
-    if needed > machine.memory_mb:
-        where = "one GPU" if machine.device == "cuda" else "this machine"
-        raise DoesNotFit(
-            f"the smallest trial of this sweep needs {needed:,.0f} MiB (estimate {smallest.total:,.0f} MiB with "
-            f"x{SAFETY_MARGIN} margin) but {where} has {machine.memory_mb:,.0f} MiB; lower training.batch_size or "
-            "data.max_seq_length, turn on training.gradient_checkpointing, or use a smaller model"
-        )
+def check_fits(estimate: MemoryEstimate, machine: Machine, which: str = "the smallest trial of this sweep",
+               factor: float | None = None) -> None:
+    """Raises DoesNotFit, with the numbers and the fixes, when `which` trial cannot fit one card (or
+    this machine on a CPU)."""
+    needed = needed_mb(estimate, factor)
+    if needed <= machine.memory_mb:
+        return
+    on_gpu = estimate.device == "cuda"
+    parts = f"estimate {estimate.tensors if on_gpu else estimate.total:,.0f} MiB x{SAFETY_MARGIN} margin" + (
+        f" + {estimate.runtime_overhead:,.0f} MiB CUDA context" if on_gpu else "")
+    raise DoesNotFit(
+        f"{which} needs {needed:,.0f} MiB ({parts}) but {'one GPU' if on_gpu else 'this machine'} has "
+        f"{machine.memory_mb:,.0f} MiB; lower training.batch_size or data.max_seq_length, turn on "
+        "training.gradient_checkpointing, or use a smaller model"
+    )
+
+
+def refuse_oversized(trial: TrialConfig, model_path: Path, machine: Machine, factor: float) -> None:
+    """Refuses, before anything is loaded, a trial that cannot fit one card: Ray got the whole card
+    for it (resource_request), and loading it would only end in an out-of-memory error a minute
+    later. `factor` is the driver's calibration, so this agrees with the request it sized."""
+    check_fits(trial_estimate(trial, model_path, machine.device, machine.context_mb), machine, "this trial", factor)
 
 
 @dataclass(frozen=True)
@@ -215,9 +280,15 @@ def fit_calibration(pairs: list[tuple[float, float]]) -> Calibration:
     return Calibration(worst, worst, f"measured peaks are up to {worst:.3f} of their estimates")
 
 
+def measured_peak(metrics: dict[str, float], device: str) -> float | None:
+    """The peak a trial's estimate is calibrated against: on CUDA what torch reserved (what the cap
+    limits: `peak_reserved_mb`, which also marks `peak_memory_mb` as reserved), on a CPU `peak_memory_mb`."""
+    return metrics.get("peak_reserved_mb" if device == "cuda" else "peak_memory_mb")
+
+
 def save_calibration(device: str, factor: float, runs: int) -> Path:
     path = cache_dir() / CALIBRATION_FILE
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _calibration_data()
     data[device] = {"factor": factor, "runs": runs}
     path.write_text(json.dumps(data, indent=2))
     return path

@@ -182,21 +182,42 @@ RANDOM_LLAMA_SHAPES: dict[str, dict[str, Any]] = {
 
 
 def random_llama_config(name: str) -> Any:
+    return _llama_config(RANDOM_LLAMA_SHAPES[name])
+
+
+def _llama_config(shape: dict[str, Any]) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(**RANDOM_LLAMA_SHAPES[name], rope_theta=500000.0, max_position_embeddings=8192,
+    return LlamaConfig(**shape, rope_theta=500000.0, max_position_embeddings=8192,
                        rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
 
 
+# What the child process of build_random_llama runs: argv is the folder and the shape as JSON.
+_BUILD_IN_CHILD = ("import json, sys; from pathlib import Path; from qsweep.train.models import write_random_llama; "
+                   "write_random_llama(Path(sys.argv[1]), json.loads(sys.argv[2]))")
+
+
 def build_random_llama(folder: Path, name: str) -> None:
-    """A real-size Llama with random bf16 weights (1B: 2.5 GB on disk, 8B: 16 GB), initialised on the
-    GPU when there is one (seconds) and on the CPU otherwise (minutes)."""
+    """A real-size Llama with random bf16 weights (1B: 2.5 GB on disk, 8B: 16 GB), built in a child
+    process that sees no GPU: the process asking is the sweep's driver (or a bench's parent), and a
+    model built on the card there, with the CUDA context that comes with it, would hold memory
+    outside every trial's share for the whole run. The child also hands back the model's size in
+    RAM when it exits."""
+    source = str(Path(__file__).resolve().parents[2])  # this qsweep, importable in the child too
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
+    subprocess.run([sys.executable, "-c", _BUILD_IN_CHILD, str(folder), json.dumps(RANDOM_LLAMA_SHAPES[name])],
+                   check=True, env=env)
+
+
+def write_random_llama(folder: Path, shape: dict[str, Any]) -> None:
+    """The model of `shape` with random bf16 weights, initialised on the CPU, and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(random_llama_config(name), dtype=torch.bfloat16)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(_llama_config(shape), dtype=torch.bfloat16)
     model.save_pretrained(folder)
     _tokenizer(512).save_pretrained(folder)
 

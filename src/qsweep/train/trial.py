@@ -18,13 +18,15 @@ import torch
 from qsweep.config.policy import compute_dtype_name, fastest_compute_dtype, optimizer_name
 from qsweep.config.schema import QuantizationConfig, TrainingConfig, TrialConfig, dump_yaml
 from qsweep.evaluate import cache as evaluation_cache
+from qsweep.evaluate import claims
 from qsweep.evaluate.harness import CHAT_KEYS, score
-from qsweep.resources.caps import cap_process
-from qsweep.resources.estimate import estimate_trial_memory
+from qsweep.resources.caps import cap_process, give_back_memory
+from qsweep.resources.estimate import CUDA_CONTEXT_MIB, estimate_trial_memory
 from qsweep.train import chat, quantized
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.lora import attach_lora  # noqa: F401 - still imported from here by tests and benches
 from qsweep.train.lora import attach_trial_lora, trainer_optimizers, trial_targets
+from qsweep.train.memory import PeakMemory
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 
@@ -128,50 +130,6 @@ def keep_cpu_weights_unpacked(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _proc_status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def tensor_bytes(model: Any) -> int:
-    """Bytes of every parameter and buffer, 4-bit storage and its quantization state included."""
-    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            total += sum(v.numel() * v.element_size() for v in state.as_dict(packed=True).values()
-                         if isinstance(v, torch.Tensor))
-    return total
-
-
-class PeakMemory:
-    """The training peak, measured like the estimator counts it (so the two can be compared).
-
-    On CUDA: torch's peak allocation. On a CPU, ru_maxrss would be dominated by the interpreter and
-    its libraries (~550 MiB) and by transient copies while loading, so the peak resident set is reset
-    once the model is in memory and the model's own tensor bytes are added to its growth from there.
-    """
-
-    def __init__(self, model: Any):
-        self.model_bytes = tensor_bytes(model)
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-        self.rss_kb = _proc_status_kb("VmRSS")
-
-    def mb(self) -> float:
-        if torch.cuda.is_available():
-            return torch.cuda.max_memory_allocated() / 2**20
-        growth = max(0, _proc_status_kb("VmHWM") - self.rss_kb) * 1024
-        return (self.model_bytes + growth) / 2**20
-
-
 def training_arguments(training: TrainingConfig, out_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
                        train_rows: int = 0) -> Any:
     """The Trainer's arguments; `train_rows` (the training set's size) is needed with num_epochs."""
@@ -263,12 +221,13 @@ def package_versions() -> dict[str, str]:
 
 
 class UntunedBase(NamedTuple):
-    """A baseline the sweep still needs: the config its base is loaded and scored with, and its
-    evaluation cache key and ingredients."""
+    """A baseline the sweep still needs: the config its base is loaded and scored with, its
+    evaluation cache key and ingredients, and the file through which one trial claims its scoring."""
 
     config: TrialConfig
     key: str
     ingredients: dict[str, Any]
+    claim: Path | None = None
 
 
 def score_untuned_base(base: UntunedBase, base_dir: Path, model: Any = None, tokenizer: Any = None
@@ -276,29 +235,51 @@ def score_untuned_base(base: UntunedBase, base_dir: Path, model: Any = None, tok
     """Scores the untuned base inside a trial and caches the score: with the trial's own base when it
     is quantized the same way (before LoRA touches it), else loaded here and freed before the trial
     loads its own. Either way no other process loads the base, and at most one base is in memory.
-    None when another trial on this machine has cached the score meanwhile."""
+    None when the score is cached already, or another trial claimed it (evaluate.claims): of trials
+    starting together, one scores the base and the driver reads its score when it lands."""
     if evaluation_cache.load(base.key) is not None:
         return None
+    held = claims.claim(base.claim) if base.claim else None
+    if base.claim and held is None:
+        logger.info("untuned base %s: another trial scores it (claim %s)", base.config.quantization.quant_type,
+                    base.claim)
+        return None
     started = time.perf_counter()
-    if model is None:
-        path = resolve_model(base.config.model.name, base.config.model.revision, base_dir).path
-        model, tokenizer = load_base(path, base.config.quantization, base.config.model.trust_remote_code,
-                                     chat_template=chat.read_template(base.config.data.chat_template, base_dir))
-    model.eval()
-    result = score(model, tokenizer, base.config.evaluation, base_dir)
+    try:
+        result = score_base(base.config, base_dir, model, tokenizer)
+    except BaseException:
+        if held:
+            held.release()
+        raise
+    finally:
+        if model is None:  # the base loaded for this score: freed before the trial loads its own
+            give_back_memory()
     evaluation_cache.store(base.key, base.ingredients, result.scores, result.items)
     return {"key": base.key, "scores": result.scores, "items": result.items, "seconds": time.perf_counter() - started}
 
 
+def score_base(config: TrialConfig, base_dir: Path, model: Any = None, tokenizer: Any = None) -> Any:
+    """lm-eval's result on the untuned base of `config`: `model`, or one loaded here, which is
+    unreferenced once this returns (bitsandbytes' 4-bit weights point back at their layers, so only
+    a garbage collection frees it: resources.caps.give_back_memory)."""
+    if model is None:
+        path = resolve_model(config.model.name, config.model.revision, base_dir).path
+        model, tokenizer = load_base(path, config.quantization, config.model.trust_remote_code,
+                                     chat_template=chat.read_template(config.data.chat_template, base_dir))
+    model.eval()
+    return score(model, tokenizer, config.evaluation, base_dir)
+
+
 def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporter,
-              untuned_base: UntunedBase | None = None) -> TrialOutcome:
+              untuned_base: UntunedBase | None = None, context_mb: float = CUDA_CONTEXT_MIB) -> TrialOutcome:
     """Train and score one config; writes adapter/, config.yaml and lm-eval results into out_dir.
-    With `untuned_base`, that baseline is scored first (see score_untuned_base)."""
+    With `untuned_base`, that baseline is scored first (see score_untuned_base). On CUDA the process
+    is capped at its Ray share less `context_mb`, the context its request counted."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    cap_process(trial.limits.memory_mb)
+    cap_process(trial.limits.memory_mb, context_mb)
     model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
     targets = trial_targets(trial.lora, model_info.path, trial.model.trust_remote_code)
     compute_dtype = resolve_compute_dtype(trial.quantization.compute_dtype)
@@ -334,7 +315,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     train_started = time.perf_counter()
     train_output = trainer.train()
     train_seconds = time.perf_counter() - train_started
-    peak_mb = peak.mb()
+    memory = peak.measures()
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -368,8 +349,8 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     metrics = {
         "train_loss": float(train_output.training_loss),
         "train_steps": trainer.state.global_step,
-        "peak_memory_mb": peak_mb,
-        # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
+        **memory,
+        # What the estimate is compared with: on CUDA what torch reserves (the context is outside it).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "load_seconds": load_seconds,
