@@ -211,6 +211,8 @@ def test_markdown_has_every_cell_and_comparison():
     factors = {"quantization.quant_type": ["nf4", "fp4"], "lora.r": [8, 16]}
     report = summarize(two_factor_runs(), factors, None, "zorble/acc", n_boot=300)
     text = ablation_report.to_markdown(report)
+    # One-at-a-time: the reference cell and one cell per other value; one comparison per other value.
+    assert (len(report.cells), len(report.comparisons)) == (3, 2)
     for cell in report.cells:
         assert ablation.cell_label(cell.cell) in text
         assert f"{cell.mean:.4f}" in text

@@ -260,14 +260,18 @@ def test_the_runs_are_rows_in_postgresql(spread_sweep):
     finally:
         engine.dispose()
     by_id = dict(rows)
-    for run in _runs(spread_sweep["uri"], "cluster") + _runs(spread_sweep["uri"], "cluster", kind="sweep"):
+    runs = _runs(spread_sweep["uri"], "cluster") + _runs(spread_sweep["uri"], "cluster", kind="sweep")
+    assert len(runs) >= NUM_TRIALS + 1
+    for run in runs:
         assert by_id.get(run.info.run_id) == run.info.status
 
 
 def test_every_artifact_downloads_from_the_server(spread_sweep, tmp_path):
     import mlflow
 
-    for run in _finished(_runs(spread_sweep["uri"], "cluster")):
+    finished = _finished(_runs(spread_sweep["uri"], "cluster"))
+    assert len(finished) == NUM_TRIALS
+    for run in finished:
         for name in ARTIFACTS:
             local = Path(mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id, artifact_path=name, tracking_uri=spread_sweep["uri"],

@@ -41,7 +41,9 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
 
 
 def _trial_runs(uri: str) -> list:
-    return SweepBench.runs(uri, "e2e")
+    runs = SweepBench.runs(uri, "e2e")
+    assert runs, f"no trial run in {uri}: every check over them would pass on nothing"
+    return runs
 
 
 def test_sweep_finishes_and_prints_leaderboard(finished_sweep):
