@@ -116,6 +116,18 @@ def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
         assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)
 
 
+def test_reproduce_command_rescores_a_run_to_its_logged_score(finished_sweep):
+    """`qsweep reproduce` as a user runs it: the adapter reloaded from MLflow onto its logged base
+    re-scores to the score MLflow holds for the run (8 items: exact at the 4 decimals printed)."""
+    run = _trial_runs(finished_sweep["uri"])[0]
+    result = CliRunner().invoke(app, ["reproduce", run.info.run_id, "--tracking-uri", finished_sweep["uri"]])
+    assert result.exit_code == 0, result.output
+    rows = {cells[0]: cells[1:] for line in result.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 3}
+    logged = f"{run.data.metrics['zorble/acc']:.4f}"
+    assert rows["zorble/acc"] == [logged, logged], result.output
+
+
 def _best_run_id(finished_sweep) -> str:
     runs = sorted(_trial_runs(finished_sweep["uri"]), key=lambda r: -r.data.metrics["zorble/acc"])
     return runs[0].info.run_id

@@ -54,7 +54,8 @@ def test_estimate_prints_each_trials_figures(sweep_file: Path, tiny_sweep_dict: 
     table = runner.invoke(app, ["estimate", str(sweep_file), "--device", "cpu"])
     assert table.exit_code == 0, table.output
     lines = table.output.replace("┃", "│").splitlines()  # rich draws the header with heavier bars
-    rows = {cells[0]: cells[1:] for line in lines if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 4}
+    rows = {cells[0]: cells[1:] for line in lines
+            if len(cells := [cell.strip() for cell in line.strip("│ ").split("│")]) == 4}
     assert rows["component"] == ["baseline", "smallest", "largest"]
     for field in (*COMPONENTS, "total", "budget_mb"):
         assert rows[field] == [f"{figures['trials'][name][field]:,.1f}" for name in rows["component"]], field
