@@ -130,6 +130,7 @@ def real_sweep(gpu: bool, model: str, trials: int, steps: int, batch_size: int, 
         "ok": ok, "exit_code": done["exit_code"], "timed_out": done["timed_out"], "seconds": round(done["seconds"], 1),
         "trials": len(trial_runs), "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
         "report_written": report_written, "killed_after": killed,
+        "driver_on_card": done["pid"] in sampler.process_peaks if card else None,
         "driver_gpu_mb": sampler.process_peaks.get(done["pid"]) if card else None,
         "per_trial": [{"outcome": r.data.tags.get("qsweep.outcome"),
                        **{k: round(v, 4) for k, v in sorted(r.data.metrics.items())
@@ -199,6 +200,12 @@ def main() -> None:
         else:
             result = real_sweep(gpu, model, args.sweep_trials, args.sweep_steps, args.batch_size, seq, allowance)
         proof.record(phase, {"allowed_seconds": round(allowance, 1), **result})
+    # Issue 19, item 5 (the bench's side): a CUDA context this process had created would still be on
+    # the card now; NVML lists no process that holds none.
+    card = open_card(gpu)
+    on_card = card.processes_mb() if card else {}
+    proof.record("parent", {"ok": os.getpid() not in on_card, "on_card": os.getpid() in on_card,
+                            "gpu_mb": on_card.get(os.getpid()), "torch_imported": "torch" in sys.modules})
     sys.exit(0 if proof.result["ok"] else 1)
 
 

@@ -239,7 +239,8 @@ def run_sweep(path: Path, card: Card | None, timeout_s: float, ignore: frozenset
         "gpu_processes_at_once": sampler.most_processes if card else None,
         "gpu_process_peaks_mb": sorted((mb for mb in processes.values() if mb is not None), reverse=True)
         if card else None,
-        # Issue 19, item 5: the sweep's driver holds no GPU memory (None: it never appeared on the card).
+        # Issue 19, item 5: the sweep's driver holds no GPU memory (it never appears on the card).
+        "driver_on_card": done["pid"] in processes if card else None,
         "driver_gpu_mb": processes.get(done["pid"]) if card else None,
         "killed_after": killed,
         "mps_logged": {key: value for r in parents for key, value in {**r.data.params, **r.data.tags}.items()

@@ -46,7 +46,7 @@ CARRY = {
     "cryptography": "MLflow's model registry tables", "cffi": "cryptography",
     "lm-eval": "scores the adapters", "datasets": "training data and lm-eval", "dill": "datasets",
     "multiprocess": "datasets", "httpx2": "datasets", "httpcore2": "httpx2", "truststore": "httpcore2",
-    "pytz": "imported by the trial workers", "chardet": "imported by the trial workers",
+    "pytz": "imported by the trial workers",
     "bitsandbytes": "4-bit quantization (only its CUDA 13 and CPU libraries travel)",
     "transformers": "5.25 is tested here; the machine has 5.17",
     "huggingface-hub": "transformers 5.25 needs >= 2.4; the machine has 1.33",
@@ -195,10 +195,19 @@ def install(archive: Path, site: Path) -> None:
     else:
         shutil.rmtree(site, ignore_errors=True)
         site.mkdir(parents=True)
-        with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(site, filter="fully_trusted")
+        if shutil.which("xz") and shutil.which("tar"):  # xz unpacks the archive's blocks on every core
+            subprocess.run(["tar", "-C", str(site), "-I", "xz -T0", "-xf", str(archive)], check=True)
+        else:
+            with tarfile.open(archive, "r:xz") as tar:
+                tar.extractall(site, filter="fully_trusted")
+        # The carry travels as source. Compiled once here on every core: otherwise, where
+        # PYTHONDONTWRITEBYTECODE is set, each Ray process compiles Ray again, and a dashboard agent
+        # that takes over 15 s to start makes the raylet abort ("metrics_agent_port" timeout).
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", str(site)], check=False,
+                       capture_output=True)
         stamp.write_text(digest + "\n")
-        print(f"carry: unpacked {archive.name} into {site} in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"carry: unpacked and compiled {archive.name} into {site} in {time.perf_counter() - started:.1f} s",
+              flush=True)
     unmet = unmet_requirements(site)
     (site / "unmet_requirements.json").write_text(json.dumps(unmet, indent=2) + "\n")
     for line in unmet.get("wrong_version", []) + unmet.get("unchecked", []):

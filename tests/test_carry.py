@@ -49,7 +49,8 @@ def test_a_carry_unpacks_once_imports_and_names_what_the_machine_lacks(tmp_path)
     carry.compress(_site(tmp_path / "built", payload), archive)
     site = tmp_path / "site"
 
-    assert "unpacked" in _install(archive, site)
+    assert "unpacked and compiled" in _install(archive, site)
+    assert list((site / "probe_pkg" / "__pycache__").glob("__init__.*.pyc"))  # compiled once, there
     read = "import probe_pkg, sys; sys.stdout.buffer.write(probe_pkg.PAYLOAD)"
     imported = subprocess.run([sys.executable, "-c", read], capture_output=True, check=True,
                               env={**os.environ, "PYTHONPATH": str(site)})

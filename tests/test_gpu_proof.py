@@ -19,8 +19,8 @@ TRIALS = 2
 # The shape a GPU run gives too (there the NVML figures are numbers, here None).
 SWEEP_KEYS = {"exit_code", "timed_out", "wall_seconds", "trials", "trials_finished", "outcomes", "trials_per_hour",
               "oom", "tokens_per_second_summed", "memory_mean_share", "memory_peak_share", "memory_total_mb",
-              "gpu_processes_at_once", "gpu_process_peaks_mb", "driver_gpu_mb", "killed_after", "mps_logged",
-              "per_trial", "failures"}
+              "gpu_processes_at_once", "gpu_process_peaks_mb", "driver_on_card", "driver_gpu_mb", "killed_after",
+              "mps_logged", "per_trial", "failures"}
 TRIAL_KEYS = {"memory_estimate_mb", "peak_memory_mb", "peak_allocated_mb", "peak_reserved_mb", "process_footprint_mb",
               "memory_ratio", "peak_memory_over_estimate", "peak_reserved_over_estimate",
               "peak_allocated_over_estimate"}
@@ -43,7 +43,7 @@ def dry_run(tmp_path_factory) -> dict:
 def test_the_dry_run_passes_every_phase_in_order(dry_run):
     done, proof = dry_run["done"], dry_run["proof"]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert list(proof["phases"]) == ["build", "pytest", "packing", "sweep"]
+    assert list(proof["phases"]) == ["build", "pytest", "packing", "sweep", "parent"]
     assert proof["ok"] and all(phase["ok"] for phase in proof["phases"].values())
     assert proof["device"] == f"cpu ({os.cpu_count()} cores)" and proof["model"] == "tiny-llama"
 
