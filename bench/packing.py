@@ -263,8 +263,20 @@ def per_trial(metrics: dict[str, float]) -> dict[str, Any]:
     return row
 
 
+# The daemon's log folder (its default, /var/log/nvidia-mps, may not exist on a bare machine); the
+# pipe folder stays the default /tmp/nvidia-mps, where CUDA clients and qsweep's MPS check look.
+MPS_LOG = Path(tempfile.gettempdir()) / "qsweep-mps-log"
+
+
 def mps_control(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(["nvidia-cuda-mps-control", *args], input=stdin, capture_output=True, text=True, timeout=30)
+    MPS_LOG.mkdir(exist_ok=True)
+    return subprocess.run(["nvidia-cuda-mps-control", *args], input=stdin, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "CUDA_MPS_LOG_DIRECTORY": str(MPS_LOG)})
+
+
+def mps_log_tail() -> str:
+    logs = [MPS_LOG / "control.log", MPS_LOG / "server.log"]
+    return " | ".join(p.read_text()[-300:] for p in logs if p.exists())
 
 
 def start_mps() -> str | None:
@@ -280,8 +292,9 @@ def start_mps() -> str | None:
         return f"nvidia-cuda-mps-control -d exited {started.returncode}: {(started.stderr or started.stdout)[-500:]}"
     probe = run_child([sys.executable, "-c", "import torch; print(torch.ones(1, device='cuda').sum().item())"], 120)
     if probe["exit_code"] != 0:
+        why = f"a CUDA process failed under MPS: {probe['output'][-500:]} (MPS log: {mps_log_tail()})"
         stop_mps()
-        return f"a CUDA process failed under MPS: {probe['output'][-500:]}"
+        return why
     return None
 
 
