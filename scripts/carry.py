@@ -4,15 +4,16 @@ The device machine (Python 3.12, torch 2.11, transformers 5.17, accelerate 1.15,
 pandas, pyarrow, scipy, ...; no package index) gets these distributions, pinned to the versions of
 this venv, the ones the tests ran on. Only what the proof's processes import is carried
 (`CARRY`: found by tracing every import of the CPU dry run, its Ray workers included), and the
-installed tree is stripped of what no qsweep path loads (`STRIP`): wheels total ~170 MB (Ray's
-alone is 79 MB, a call carries 64 MiB), the stripped tree compressed with xz fits one call.
+installed tree is stripped of what no qsweep path loads (`STRIP`): the 51 wheels total 190 MB
+(Ray's alone is 79 MB, a call carries 64 MiB); the stripped tree compressed with xz is 54 MiB.
 
     python scripts/carry.py                      # here: .carry/site.tar.xz (+ manifest.json)
     python scripts/carry.py --python-version 3.11 --out /tmp/carry311   # a copy this machine can import
     python scripts/carry.py --install .carry/site.tar.xz --site /tmp/qsweep-site   # there (stdlib only)
 
-The install unpacks once per carry (a stamp in the site folder), then lists every requirement of a
-carried distribution that the machine's packages do not meet, so a version clash is named, not guessed.
+The install unpacks and compiles once per carry (a stamp in the site folder), then lists every
+requirement of a carried distribution that the machine's packages do not meet, so a version clash
+is named, not guessed. scripts/gpu_proof.md says how the list and the stripping were checked.
 """
 
 from __future__ import annotations
