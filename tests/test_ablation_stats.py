@@ -66,7 +66,7 @@ def test_summarize_means_and_cis_by_hand():
 def test_single_seed_ci_is_the_mean_and_is_said():
     runs = [run({"f": "a"}, 0, correct_first(4)), run({"f": "b"}, 0, correct_first(6))]
     report = summarize(runs, {"f": ["a", "b"]}, None, "t/acc", n_boot=200)
-    assert all(c.ci_low == c.mean == c.ci_high for c in report.cells)
+    assert len(report.cells) == 2 and all(c.ci_low == c.mean == c.ci_high for c in report.cells)
     assert any("1 seed" in note for note in report.notes)
     assert "n/a (1 seed)" in ablation_report.to_markdown(report)
 
