@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from packing import MODELS, ZORBLE, MemorySampler, build_model, compare, open_card, run_child, settle
+from card import MemorySampler, open_card, run_child, settle
+from packing import MODELS, ZORBLE, build_model, compare
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "ray", "optuna", "mlflow", "lm_eval",
