@@ -48,6 +48,9 @@ def environment(gpu: bool) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     found = {"python": platform.python_version(), "cpus": os.cpu_count(), "versions": versions}
+    # What the carried packages need and the machine's own do not give (scripts/carry.py --install).
+    unmet = Path(os.environ.get("QSWEEP_CARRY_SITE", "/nonexistent")) / "unmet_requirements.json"
+    found["carry_unmet_requirements"] = json.loads(unmet.read_text()) if unmet.exists() else None
     if card:
         found.update(card_mb=card.used_and_total()[1] / 2**20,
                      driver=card.nvml.nvmlSystemGetDriverVersion(), processes_on_card_before=card.processes_mb())
