@@ -1,22 +1,20 @@
-"""One trial at a time vs. packed by qsweep: the same sweep twice, side by side, in one run.
+"""One trial at a time vs packed by memory: the same sweep run twice by `qsweep run`, side by side.
 
-Prints JSON: trials finished per hour, memory used over time (mean and peak, as a share of the
-device), tokens/s summed over trials, OOM count, each trial's estimate vs measured peak, and the
-packed/serial ratios. On a GPU (`--device cuda`) it compares one trial per GPU with qsweep's
-memory-sized shares; on a CPU it runs the same code path with CPU slots (one trial with every core
-vs. one core per trial, memory-sized).
+Prints JSON: trials finished per hour, card memory used over time (mean and peak, as a share of the
+card), OOMs, each trial's estimate against its measured peaks (reserved and allocated) and its
+process footprint, the GPU memory the sweep's driver itself held, and the packed/serial ratios. On
+a GPU with `--mps` the packed sweep runs a third time under NVIDIA MPS (the daemon is started for
+it and stopped after; skipped, with the reason, when it cannot start). On a CPU the same code runs
+with CPU slots: one trial with every core vs one core per trial, memory-sized.
 
-    python bench/packing.py                       # tiny random Llama, 8 trials (CPU: ~3 min)
-    python bench/packing.py --model smollm2-135m --trials 8 --steps 40
-    python bench/packing.py --device cuda --model llama-1b --trials 32 --batch-size 16 --seq 256
-    python bench/packing.py --device cuda --model llama-1b --packer processes   # without Ray
+    python bench/packing.py                                  # tiny random Llama, 8 trials (CPU)
+    python bench/packing.py --device cuda --model llama-1b --trials 6 --steps 10 --mps
 
-`llama-1b` / `llama-8b` are qsweep's embedded random-llama-1b / -8b: the published Llama-3.2-1B and
-Llama-3.1-8B shapes with random weights, built on first use (no hub). `--packer processes` packs
-plain processes instead of Ray trials, each capped like a Ray trial at its share less the CUDA
-context, started first-fit as shares free up: it measures packing itself (trials per hour of
-training + lm-eval scoring, memory share, OOMs, estimates) without Ray's start-up, the baseline
-scoring, Optuna or MLflow, so its trials per hour are higher than `qsweep run`'s.
+`llama-1b` / `llama-8b` are qsweep's embedded random-llama-1b / -8b (the published Llama-3.2-1B
+and Llama-3.1-8B shapes with random weights, no hub). This process never touches CUDA: the model is
+built by a child process, each sweep is a child `qsweep run`, and the card is sampled through NVML,
+which holds no GPU memory (a process that sampled with torch would hold a CUDA context on the card
+it measures). scripts/gpu_proof.sh runs this as the packing part of the GPU proof.
 """
 
 from __future__ import annotations
@@ -24,21 +22,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from benchlib import emit
+from card import Card, MemorySampler, mps_processes, open_card, run_child, settle, start_mps, stop_mps
 
 REPO = Path(__file__).resolve().parent.parent
 ZORBLE = REPO / "evaluation" / "tasks" / "zorble"
 MODELS = {"llama-1b": "random-llama-1b", "llama-8b": "random-llama-8b"}
 # The issue's goals for the 1B shape on one GPU.
 GOALS = {"ratio_trials_per_hour": 3.0, "memory_peak_share": 0.85, "estimate_error": 0.10}
+# What each trial's MLflow run may hold about its memory (some only once the GPU path logs them).
+MEMORY_METRICS = ("memory_estimate_mb", "peak_memory_mb", "peak_allocated_mb", "peak_reserved_mb",
+                  "process_footprint_mb", "memory_ratio")
+ABSENT = "absent"
+QSWEEP = [sys.executable, "-c", "from qsweep.cli import app; app()"]  # qsweep may be on PYTHONPATH only
 
 
 def sweep_file(folder: Path, name: str, model: str, trials: int, steps: int, packed: bool, gpu: bool,
@@ -76,8 +79,8 @@ def sweep_file(folder: Path, name: str, model: str, trials: int, steps: int, pac
 
 
 def full_rows(folder: Path, seq: int, split: str) -> Path:
-    """zorble's rows, each followed by enough text to fill max_seq_length once tokenized: the
-    estimate sizes a trial for full rows, and so does a real fine-tuning set of long documents."""
+    """zorble's rows, each followed by enough text to fill max_seq_length once tokenized: a trial's
+    batches then really are as long as a fine-tuning set of long documents makes them."""
     filler = "The quick brown fox jumps over the lazy dog. 0123456789 " * max(1, seq // 4)
     rows = [json.loads(line) for line in (ZORBLE / f"{split}.jsonl").read_text().splitlines() if line.strip()]
     path = folder / f"{split}_full.jsonl"
@@ -85,148 +88,77 @@ def full_rows(folder: Path, seq: int, split: str) -> Path:
     return path
 
 
-class MemorySampler(threading.Thread):
-    """Samples device memory in use every 0.5 s (GPU: torch.cuda.mem_get_info; CPU: MemAvailable)."""
-
-    def __init__(self, gpu: bool):
-        super().__init__(daemon=True)
-        self.gpu, self.samples, self.stop = gpu, [], threading.Event()
-
-    def used_and_total(self) -> tuple[float, float]:
-        if self.gpu:
-            import torch
-
-            free, total = torch.cuda.mem_get_info()
-            return total - free, total
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        total = int(info["MemTotal"].split()[0]) * 1024
-        return total - int(info["MemAvailable"].split()[0]) * 1024, total
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            self.samples.append(self.used_and_total())
-            time.sleep(0.5)
+def build_model(model: str, timeout_s: float) -> dict[str, Any]:
+    """The embedded model built once into qsweep's cache by a child process, before anything is timed."""
+    done = run_child([sys.executable, "-c", "import sys; from qsweep.train.models import resolve_model; "
+                      "print(resolve_model(sys.argv[1]).path)", model], timeout_s)
+    return {"model": model, "seconds": round(done["seconds"], 1), "ok": done["exit_code"] == 0,
+            **({} if done["exit_code"] == 0 else {"output_tail": done["output"][-2000:]})}
 
 
-def run_one(path: Path, gpu: bool) -> dict:
+def run_sweep(path: Path, card: Card | None, timeout_s: float, ignore: frozenset[int] = frozenset()) -> dict[str, Any]:
+    """`qsweep run` on the sweep in a child process while memory is sampled; its MLflow runs read back."""
     from mlflow.tracking import MlflowClient
 
-    sampler = MemorySampler(gpu)
+    sampler = MemorySampler(card)
     idle_used, total = sampler.used_and_total()
     sampler.start()
-    started = time.perf_counter()
-    # Through this interpreter, not the console script: on a GPU machine qsweep may only be on PYTHONPATH.
-    qsweep = [sys.executable, "-c", "from qsweep.cli import app; app()"]
-    proc = subprocess.run([*qsweep, "run", str(path)], cwd=path.parent,
-                          capture_output=True, text=True)
-    wall = time.perf_counter() - started
+    done = run_child([*QSWEEP, "run", str(path)], timeout_s, cwd=path.parent)
     sampler.stop.set()
     sampler.join()
-    used = [u - idle_used for u, _ in sampler.samples]
+    killed = settle(card, set(ignore))
+    used = [u - idle_used for u in sampler.used]
     client = MlflowClient(tracking_uri=f"sqlite:///{path.parent}/mlflow.db")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              filter_string="tags.`qsweep.kind` = 'trial'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="tags.`qsweep.kind` = 'trial'") if experiments else []
+    parents = client.search_runs(experiments, filter_string="tags.`qsweep.kind` = 'sweep'") if experiments else []
+    outcomes = [r.data.tags.get("qsweep.outcome", "none") for r in runs]
     finished = [r for r in runs if r.data.tags.get("qsweep.outcome") == "finished"]
+    wall = done["seconds"]
+    processes = sampler.process_peaks
     return {
-        "exit_code": proc.returncode,
-        "wall_seconds": wall,
+        "exit_code": done["exit_code"],
+        "timed_out": done["timed_out"],
+        "wall_seconds": round(wall, 1),
+        "trials": len(runs),
         "trials_finished": len(finished),
-        "trials_per_hour": len(finished) / wall * 3600,
-        "oom": sum(1 for r in runs if r.data.tags.get("qsweep.outcome") == "oom"),
-        "tokens_per_second_summed": sum(r.data.metrics.get("tokens_per_second", 0) for r in finished),
+        "outcomes": {o: outcomes.count(o) for o in sorted(set(outcomes))},
+        "trials_per_hour": len(finished) / wall * 3600 if wall else 0.0,
+        "oom": outcomes.count("oom"),
+        "tokens_per_second_summed": sum(r.data.metrics.get("tokens_per_second", 0.0) for r in finished),
         "memory_mean_share": sum(used) / len(used) / total if used else 0.0,
         "memory_peak_share": max(used) / total if used else 0.0,
+        "memory_total_mb": total / 2**20,
+        "gpu_processes_at_once": sampler.most_processes if card else None,
+        "gpu_process_peaks_mb": sorted((mb for mb in processes.values() if mb is not None), reverse=True)
+        if card else None,
+        # Issue 19, item 5: the sweep's driver holds no GPU memory (it never appears on the card).
+        "driver_on_card": done["pid"] in processes if card else None,
+        "driver_gpu_mb": processes.get(done["pid"]) if card else None,
+        "killed_after": killed,
+        "mps_logged": {key: value for r in parents for key, value in {**r.data.params, **r.data.tags}.items()
+                       if "mps" in key.lower()},
         "per_trial": [per_trial(r.data.metrics) for r in finished],
+        "failures": [r.data.tags.get("qsweep.reason", "")[:300] for r in runs
+                     if r.data.tags.get("qsweep.outcome") not in ("finished", "stopped")],
+        **({} if done["exit_code"] == 0 else {"output_tail": done["output"][-3000:]}),
     }
 
 
-def per_trial(metrics: dict) -> dict:
-    estimate, peak = metrics.get("memory_estimate_mb", 0.0), metrics.get("peak_memory_mb", 0.0)
-    return {"estimate_mb": estimate, "peak_mb": peak, "peak_over_estimate": peak / estimate if estimate else None}
+def per_trial(metrics: dict[str, float]) -> dict[str, Any]:
+    """A trial's memory figures as logged, "absent" where it logged none, and each peak over the estimate."""
+    row: dict[str, Any] = {name: metrics.get(name, ABSENT) for name in MEMORY_METRICS}
+    estimate = metrics.get("memory_estimate_mb")
+    for peak in ("peak_memory_mb", "peak_reserved_mb", "peak_allocated_mb"):
+        value = metrics.get(peak)
+        ratio = value / estimate if value is not None and estimate else ABSENT
+        row[f"{peak.removesuffix('_mb')}_over_estimate"] = ratio
+    return row
 
 
-def run_processes(path: Path, packed: bool, gpu: bool) -> dict:
-    """The sweep's trials as plain processes, packed first-fit by their requests (no Ray): each is
-    capped at its share less the CUDA context, like a Ray trial."""
-    from qsweep.config.schema import load_sweep
-    from qsweep.resources.packing import resources_for, this_machine
-    from qsweep.search.space import apply_params
-    from qsweep.train.models import resolve_model
-
-    sweep = load_sweep(path)
-    machine = this_machine()
-    request = resources_for(sweep, resolve_model(sweep.model.name).path, machine)
-    cores = os.cpu_count() or 1
-    pending = []
-    for index, params in enumerate(sweep.search.baselines):
-        ask = request(params) if packed else ({"cpu": cores, "gpu": 1.0} if gpu else {"cpu": cores})
-        share = ask.get("gpu", ask.get("memory", 0) / 2**20 / machine.memory_mb)
-        pending.append((index, apply_params(sweep.trial(), params), share, ask["cpu"]))
-    sampler = MemorySampler(gpu)
-    idle_used, total = sampler.used_and_total()
-    sampler.start()
-    started = time.perf_counter()
-    running: list[tuple[subprocess.Popen, float, float, Path]] = []
-    outcomes = []
-    while pending or running:
-        for item in [r for r in running if r[0].poll() is not None]:
-            running.remove(item)
-            outcomes.append(json.loads(item[3].read_text()) if item[3].exists() else {"failed": "no outcome"})
-        while pending and (not running or (sum(r[1] for r in running) + pending[0][2] <= 1.0 + 1e-9
-                                           and sum(r[2] for r in running) + pending[0][3] <= cores)):
-            index, trial, share, cpus = pending.pop(0)
-            out = path.parent / "trials" / str(index)
-            out.mkdir(parents=True, exist_ok=True)
-            spec = {"trial": trial.model_dump(mode="json"), "base_dir": str(sweep.base_dir), "out_dir": str(out),
-                    "share": share if gpu else None, "threads": int(cpus)}
-            (out / "spec.json").write_text(json.dumps(spec))
-            child = subprocess.Popen([sys.executable, __file__, "--child", str(out / "spec.json")],
-                                     stdout=subprocess.DEVNULL, stderr=open(out / "stderr.log", "w"))
-            running.append((child, share, cpus, out / "outcome.json"))
-        time.sleep(0.5)
-    wall = time.perf_counter() - started
-    sampler.stop.set()
-    sampler.join()
-    used = [u - idle_used for u, _ in sampler.samples]
-    finished = [o for o in outcomes if "failed" not in o]
-    return {
-        "wall_seconds": wall,
-        "trials_finished": len(finished),
-        "trials_per_hour": len(finished) / wall * 3600,
-        "oom": sum(1 for o in outcomes if o.get("oom")),
-        "failed": [o["failed"][-300:] for o in outcomes if "failed" in o],
-        "tokens_per_second_summed": sum(o["tokens_per_second"] for o in finished),
-        "memory_mean_share": sum(used) / len(used) / total if used else 0.0,
-        "memory_peak_share": max(used) / total if used else 0.0,
-        "per_trial": [per_trial(o) for o in finished],
-    }
-
-
-def child(spec_file: Path) -> None:
-    """One trial in this process, capped at its share less the context (what a Ray trial gets)."""
-    spec = json.loads(spec_file.read_text())
-    import torch
-
-    from qsweep.config.schema import TrialConfig
-    from qsweep.resources.caps import tensor_fraction
-    from qsweep.train.trial import run_trial
-
-    torch.set_num_threads(max(1, spec["threads"]))
-    if spec["share"] is not None and torch.cuda.is_available():
-        card_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
-        torch.cuda.set_per_process_memory_fraction(tensor_fraction(spec["share"], card_mb))
-    out = Path(spec["out_dir"])
-    try:
-        outcome = run_trial(TrialConfig(**spec["trial"]), Path(spec["base_dir"]), out, report=lambda _: None)
-        result = outcome.metrics
-    except Exception as exc:  # noqa: BLE001 - a trial's failure is its result, as in a sweep
-        text = f"{type(exc).__name__}: {exc}"
-        result = {"failed": text, "oom": "out of memory" in text.lower() or "allocate memory" in text.lower()}
-    (out / "outcome.json").write_text(json.dumps(result))
-
-
-def goals(serial: dict, packed: dict) -> dict:
-    errors = [abs(t["peak_over_estimate"] - 1) for t in packed["per_trial"] if t["peak_over_estimate"]]
+def goals(serial: dict, packed: dict) -> dict[str, Any]:
+    errors = [abs(t["peak_memory_over_estimate"] - 1) for t in packed["per_trial"]
+              if isinstance(t["peak_memory_over_estimate"], float)]
     return {
         "ratio_trials_per_hour_at_least_3": packed["trials_per_hour"] / max(serial["trials_per_hour"], 1e-9)
         >= GOALS["ratio_trials_per_hour"],
@@ -237,6 +169,50 @@ def goals(serial: dict, packed: dict) -> dict:
     }
 
 
+def ratios(serial: dict, run: dict) -> dict[str, float]:
+    return {"ratio_trials_per_hour": run["trials_per_hour"] / max(serial["trials_per_hour"], 1e-9),
+            "ratio_tokens_per_second": run["tokens_per_second_summed"] / max(serial["tokens_per_second_summed"], 1e-9)}
+
+
+def compare(model: str, trials: int, steps: int, batch_size: int, seq: int, gpu: bool, full: bool, mps: bool,
+            timeout_s: float = 1800.0) -> dict[str, Any]:
+    """Serial, packed and (when asked, on a GPU) packed under MPS, one after the other; `timeout_s`
+    is shared: serial may use half of it (one at a time is the slow side), the rest is split evenly."""
+    card = open_card(gpu)
+    deadline = time.monotonic() + timeout_s
+    report: dict[str, Any] = {
+        "device": card.name() if card else f"cpu ({os.cpu_count()} cores)", "model": model, "trials": trials,
+        "steps": steps, "batch_size": batch_size, "seq": seq, "full_rows": full,
+        "build": build_model(model, max(60.0, timeout_s / 4)),
+    }
+    runs = [("serial", False), ("packed", True)] + ([("packed_mps", True)] if mps else [])
+    timed = len(runs) if gpu else 2  # on a CPU the MPS run is only recorded as skipped
+    with tempfile.TemporaryDirectory(prefix="qsweep-packing-") as tmp:
+        for index, (name, packed) in enumerate(runs):
+            left = deadline - time.monotonic()
+            share = left / 2 if name == "serial" else left / max(1, timed - index)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            path = sweep_file(folder, name, model, trials, steps, packed, gpu, batch_size, seq, full)
+            if name == "packed_mps":
+                why_not = start_mps() if gpu else "MPS is for CUDA devices"
+                if why_not:
+                    report[name] = {"skipped": why_not}
+                    continue
+                try:
+                    report[name] = run_sweep(path, card, share, ignore=frozenset(mps_processes()))
+                finally:
+                    stop_mps()
+            else:
+                report[name] = run_sweep(path, card, share)
+    serial, packed = report["serial"], report["packed"]
+    report.update(ratios(serial, packed))
+    if "trials_per_hour" in report.get("packed_mps", {}):
+        report["packed_mps"].update(ratios(serial, report["packed_mps"]))
+    report["goals"] = goals(serial, packed) if gpu else None
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-llama", help="a qsweep model, or llama-1b / llama-8b")
@@ -244,45 +220,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64, help="max_seq_length")
-    parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    parser.add_argument("--packer", choices=["ray", "processes"], default="ray",
-                        help="qsweep run (Ray), or plain capped processes packed first-fit")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cpu")
+    parser.add_argument("--mps", action="store_true",
+                        help="the packed sweep again under NVIDIA MPS (on a CPU: recorded as skipped)")
     parser.add_argument("--full-rows", action=argparse.BooleanOptionalAction, default=None,
                         help="fill every row to --seq (default: on for cuda, off for cpu)")
+    parser.add_argument("--timeout-s", type=float, default=3600.0, help="for all the sweeps together")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(args.child)
-        return
-    import torch
-
-    if args.device == "cpu":
+    gpu = args.device == "cuda"
+    if not gpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    gpu = args.device != "cpu" and torch.cuda.is_available()
-    if args.device == "cuda" and not gpu:
-        sys.stderr.write("--device cuda: torch sees no CUDA device here\n")
-        sys.exit(2)
-    model = MODELS.get(args.model, args.model)
-    full = gpu if args.full_rows is None else args.full_rows
-    device = torch.cuda.get_device_name() if gpu else f"cpu ({os.cpu_count()} cores)"
-    with tempfile.TemporaryDirectory(prefix="qsweep-bench-") as tmp:
-        results = {}
-        for name, packed in (("serial", False), ("packed", True)):
-            folder = Path(tmp) / name
-            folder.mkdir()
-            path = sweep_file(folder, name, model, args.trials, args.steps, packed, gpu, args.batch_size, args.seq,
-                              full)
-            results[name] = run_one(path, gpu) if args.packer == "ray" else run_processes(path, packed, gpu)
-    serial, packed = results["serial"], results["packed"]
-    report = {
-        "device": device, "model": model, "packer": args.packer, "trials": args.trials, "steps": args.steps,
-        "batch_size": args.batch_size, "seq": args.seq, "full_rows": full,
-        "serial": serial, "packed": packed,
-        "ratio_trials_per_hour": packed["trials_per_hour"] / max(serial["trials_per_hour"], 1e-9),
-        "ratio_tokens_per_second": packed["tokens_per_second_summed"] / max(serial["tokens_per_second_summed"], 1e-9),
-        "goals": goals(serial, packed) if gpu else None,
-    }
+    report = compare(MODELS.get(args.model, args.model), args.trials, args.steps, args.batch_size, args.seq, gpu,
+                     gpu if args.full_rows is None else args.full_rows, args.mps, args.timeout_s)
     emit(report, args.out)
 
 

@@ -52,6 +52,7 @@ def test_the_ablation_runs_every_cell_and_seed(ablation_run):
 def test_report_numbers_equal_those_recomputed_from_logged_items(ablation_run):
     report = json.loads((ablation_run["workdir"] / "runs" / "abl" / "report" / "ablation_report.json").read_text())
     items = _per_item(ablation_run["uri"])
+    assert sorted(cell["cell"]["quantization.quant_type"] for cell in report["cells"]) == ["fp4", "nf4"]
     for cell in report["cells"]:
         quant = cell["cell"]["quantization.quant_type"]
         scores = [sum(items[(quant, seed)].values()) / len(items[(quant, seed)]) for seed in (0, 1)]
@@ -85,13 +86,30 @@ def test_report_and_plot_are_on_the_parent_run(ablation_run):
     (parent,) = SweepBench.runs(ablation_run["uri"], "abl", "sweep")
     names = {a.path for a in mlflow_client.list_artifacts(parent.info.run_id, "ablation")}
     assert {"ablation/ablation_report.md", "ablation/ablation_report.json", "ablation/ablation_cells.png"} <= names
-    assert "| fp4 |" in ablation_run["result"].output or "fp4" in ablation_run["result"].output
+
+
+def test_the_printed_tables_carry_the_reports_numbers(ablation_run):
+    """The markdown tables `qsweep ablate` prints: one row per cell and the fp4-vs-nf4 comparison,
+    each cell holding the report's own numbers (checked against the logged items above)."""
+    report = json.loads((ablation_run["workdir"] / "runs" / "abl" / "report" / "ablation_report.json").read_text())
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line in ablation_run["result"].output.splitlines() if line.startswith("|")]
+    assert len(report["cells"]) == 2
+    for cell in report["cells"]:
+        quant = cell["cell"]["quantization.quant_type"]
+        label = f"quantization.quant_type={quant}" + (" (reference)" if cell["cell"] == report["reference"] else "")
+        assert [label, "2", f"{cell['mean']:.4f}", f"[{cell['ci_low']:.4f}, {cell['ci_high']:.4f}]"] in [
+            row[:4] for row in rows], (label, rows)
+    (comparison,) = report["comparisons"]
+    assert ["quantization.quant_type", "fp4", "nf4", f"{comparison['diff']:+.4f}",
+            f"[{comparison['ci_low']:+.4f}, {comparison['ci_high']:+.4f}]"] in [row[:5] for row in rows], rows
 
 
 def test_the_html_report_carries_the_ablation_tables(ablation_run):
     folder = ablation_run["workdir"] / "runs" / "abl"
     cells = json.loads((folder / "report" / "ablation_report.json").read_text())["cells"]
     section = (folder / "report.html").read_text().split("<h2>Ablation</h2>")[1]
+    assert len(cells) == 2
     for cell in cells:
         assert f"quantization.quant_type={cell['cell']['quantization.quant_type']}" in section
         assert f"{cell['mean']:.4f}" in section

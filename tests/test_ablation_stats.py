@@ -66,7 +66,7 @@ def test_summarize_means_and_cis_by_hand():
 def test_single_seed_ci_is_the_mean_and_is_said():
     runs = [run({"f": "a"}, 0, correct_first(4)), run({"f": "b"}, 0, correct_first(6))]
     report = summarize(runs, {"f": ["a", "b"]}, None, "t/acc", n_boot=200)
-    assert all(c.ci_low == c.mean == c.ci_high for c in report.cells)
+    assert len(report.cells) == 2 and all(c.ci_low == c.mean == c.ci_high for c in report.cells)
     assert any("1 seed" in note for note in report.notes)
     assert "n/a (1 seed)" in ablation_report.to_markdown(report)
 
@@ -211,6 +211,8 @@ def test_markdown_has_every_cell_and_comparison():
     factors = {"quantization.quant_type": ["nf4", "fp4"], "lora.r": [8, 16]}
     report = summarize(two_factor_runs(), factors, None, "zorble/acc", n_boot=300)
     text = ablation_report.to_markdown(report)
+    # One-at-a-time: the reference cell and one cell per other value; one comparison per other value.
+    assert (len(report.cells), len(report.comparisons)) == (3, 2)
     for cell in report.cells:
         assert ablation.cell_label(cell.cell) in text
         assert f"{cell.mean:.4f}" in text

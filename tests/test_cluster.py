@@ -6,8 +6,9 @@ node it ran on), every run, param and artifact lands on the tracking server (in 
 its artifact store, nothing in a local file), and a worker node killed mid-sweep costs no finished
 trial while the trials it was running are retried on the node that is left.
 
-PostgreSQL comes from scripts/postgres.sh (it installs the Debian package when missing); the test is
-skipped only when PostgreSQL cannot be installed or started here.
+PostgreSQL comes from scripts/postgres.sh (it installs the Debian package when missing). Outside CI
+the tests are skipped only where it cannot be installed (not root, no apt-get, no package); in CI
+(CI=true, which .ci/run exports) and wherever it fails to start, they fail.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ POSTGRES_SH = REPO / "scripts" / "postgres.sh"
 METRIC = "zorble/acc"
 ARTIFACTS = ("config.yaml", "adapter/adapter_model.safetensors", "lm_eval_results.json")
 NUM_TRIALS = 4
+NOT_INSTALLABLE = 3  # scripts/postgres.sh's exit code when PostgreSQL is missing and cannot be installed
 
 
 def _free_port() -> int:
@@ -75,8 +77,12 @@ def postgres_uri() -> str:
     )
     if started.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
-        why = "cannot be installed" if started.returncode == 3 else "cannot be started"
-        pytest.skip(f"PostgreSQL {why} here: {started.stderr.strip()[-2000:]}")
+        failed = f"scripts/postgres.sh start exited {started.returncode}: {started.stderr.strip()[-2000:]}"
+        # Only a machine that lacks root or the Debian package may skip, and never in CI, where
+        # .ci/run installs everything: there six vanished tests would leave the run green.
+        if started.returncode != NOT_INSTALLABLE or os.environ.get("CI", "").lower() in ("true", "1"):
+            pytest.fail(failed)
+        pytest.skip(f"PostgreSQL cannot be installed here (not root, or no Debian package): {failed}")
     try:
         yield started.stdout.strip().splitlines()[-1]
     finally:
@@ -254,14 +260,18 @@ def test_the_runs_are_rows_in_postgresql(spread_sweep):
     finally:
         engine.dispose()
     by_id = dict(rows)
-    for run in _runs(spread_sweep["uri"], "cluster") + _runs(spread_sweep["uri"], "cluster", kind="sweep"):
+    runs = _runs(spread_sweep["uri"], "cluster") + _runs(spread_sweep["uri"], "cluster", kind="sweep")
+    assert len(runs) >= NUM_TRIALS + 1
+    for run in runs:
         assert by_id.get(run.info.run_id) == run.info.status
 
 
 def test_every_artifact_downloads_from_the_server(spread_sweep, tmp_path):
     import mlflow
 
-    for run in _finished(_runs(spread_sweep["uri"], "cluster")):
+    finished = _finished(_runs(spread_sweep["uri"], "cluster"))
+    assert len(finished) == NUM_TRIALS
+    for run in finished:
         for name in ARTIFACTS:
             local = Path(mlflow.artifacts.download_artifacts(
                 run_id=run.info.run_id, artifact_path=name, tracking_uri=spread_sweep["uri"],

@@ -102,7 +102,9 @@ def test_a_cut_prompt_keeps_the_bos(adds_bos, rows):
 
 @pytest.mark.parametrize("max_length", [4, 12, 13])
 def test_tokenize_rows_cuts_the_prompt_from_the_left_and_keeps_the_completion(tokenizer, rows, max_length):
-    for row, item in zip(rows, tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=max_length)):
+    encoded = tokenize_rows(rows, tokenizer, PROMPT, COMPLETION, max_length=max_length)
+    assert len(encoded) == len(rows) == 2
+    for row, item in zip(rows, encoded):
         prompt_ids = _ids(tokenizer, PROMPT.format(**row))
         answer_ids = _ids(tokenizer, COMPLETION.format(**row)) + [tokenizer.eos_token_id]
         assert len(prompt_ids) + len(answer_ids) > max_length > len(answer_ids)

@@ -41,7 +41,9 @@ def finished_sweep(tmp_path_factory, tiny_sweep_base, sweep_bench) -> dict:
 
 
 def _trial_runs(uri: str) -> list:
-    return SweepBench.runs(uri, "e2e")
+    runs = SweepBench.runs(uri, "e2e")
+    assert runs, f"no trial run in {uri}: every check over them would pass on nothing"
+    return runs
 
 
 def test_sweep_finishes_and_prints_leaderboard(finished_sweep):
@@ -112,6 +114,18 @@ def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
         model, tokenizer = load_trained(logged.trial, logged.adapter_dir, Path("."))
         scores = score(model, tokenizer, logged.trial.evaluation, Path(".")).scores
         assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)
+
+
+def test_reproduce_command_rescores_a_run_to_its_logged_score(finished_sweep):
+    """`qsweep reproduce` as a user runs it: the adapter reloaded from MLflow onto its logged base
+    re-scores to the score MLflow holds for the run (8 items: exact at the 4 decimals printed)."""
+    run = _trial_runs(finished_sweep["uri"])[0]
+    result = CliRunner().invoke(app, ["reproduce", run.info.run_id, "--tracking-uri", finished_sweep["uri"]])
+    assert result.exit_code == 0, result.output
+    rows = {cells[0]: cells[1:] for line in result.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│ ").split("│")]) == 3}
+    logged = f"{run.data.metrics['zorble/acc']:.4f}"
+    assert rows["zorble/acc"] == [logged, logged], result.output
 
 
 def _best_run_id(finished_sweep) -> str:

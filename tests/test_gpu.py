@@ -1,9 +1,10 @@
 """On a real CUDA device: packed trials stay under their caps, measured peaks are within 10% of
 their estimates, and the optimizer a trial builds is the one its estimate counted.
 
-Skipped without CUDA (tests/conftest.py). On a GPU machine: `pytest -m gpu` (scripts/gpu_bench.sh
-runs it). The model is QSWEEP_GPU_TEST_MODEL, by default the embedded random-llama-1b (the
-Llama-3.2-1B shape with random weights, built on the GPU on first use: no hub needed).
+Skipped without CUDA (tests/conftest.py). On a GPU machine: `pytest -m gpu` (scripts/gpu_proof.sh
+runs it; tests/test_gpu_tests_resolve.py resolves its imports without a GPU). The model is
+QSWEEP_GPU_TEST_MODEL, by default the embedded random-llama-1b (the Llama-3.2-1B shape with random
+weights, built on first use: no hub needed).
 """
 
 from __future__ import annotations
@@ -135,7 +136,6 @@ def test_a_process_cannot_allocate_past_its_share_less_the_context():
 def test_packed_trials_stay_under_their_caps(gpu_sweep, tmp_path):
     """A real sweep on this GPU: trials of different sizes packed by their shares; every trial
     finishes, none hit its cap, and several ran at once."""
-    from qsweep.orchestrate.state import output_folder
     from typer.testing import CliRunner
 
     from qsweep import tracking
@@ -143,6 +143,7 @@ def test_packed_trials_stay_under_their_caps(gpu_sweep, tmp_path):
     from qsweep.config.schema import SweepConfig, TrialConfig
     from qsweep.resources.caps import tensor_fraction
     from qsweep.resources.packing import resource_request, this_machine, trial_estimate
+    from qsweep.tracking.state import output_folder
     from qsweep.train.models import resolve_model
 
     sweep = copy.deepcopy(gpu_sweep)

@@ -208,6 +208,8 @@ def test_calibration_below_one_is_clamped_and_says_why():
 
 # limits.memory_mb of 1 MiB: nothing can quantize under it, so an uncapped task is the one that succeeds.
 TOO_SMALL_MB = 1
+# What the cap itself says when it stops an allocation (RLIMIT_DATA: ENOMEM from mmap, malloc or torch).
+CAP_HIT = r"(?i)(cannot|can't) allocate memory"
 
 
 @pytest.fixture
@@ -226,11 +228,16 @@ def unquantized_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict, unquantized_cache):
+    import shutil
+
     from qsweep.orchestrate.stages import score_baseline
 
     trial = SweepConfig(**tiny_sweep_dict).trial().model_dump(mode="json")
+    assert trial["limits"]["memory_mb"] is None
+    assert score_baseline(trial, str(Path.cwd()), threads=1)["items"]  # uncapped, the same task succeeds
+    shutil.rmtree(unquantized_cache / "quantized", ignore_errors=True)
     trial["limits"]["memory_mb"] = TOO_SMALL_MB
-    with pytest.raises((MemoryError, RuntimeError, OSError)):
+    with pytest.raises((MemoryError, RuntimeError, OSError), match=CAP_HIT):
         score_baseline(trial, str(Path.cwd()), threads=1)
     # The cap is lifted when the task ends: this process (a reused Ray worker) can allocate again.
     assert bytearray(64 * MIB)
@@ -247,11 +254,12 @@ def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path, 
     trial = trial.model_copy(update={"training": trial.training.model_copy(update={"max_steps": 1, "eval_every": 1})})
     trial_dir = tmp_path / "trial"
     run_trial(trial, sweep.base_dir, trial_dir, report=lambda _: None)
-    assert score_final(str(trial_dir), {"limit": 2}, threads=1)["items"]
+    shutil.rmtree(unquantized_cache / "quantized", ignore_errors=True)
+    assert score_final(str(trial_dir), {"limit": 2}, threads=1)["items"]  # uncapped, the same task succeeds
 
     logged = yaml.safe_load((trial_dir / "config.yaml").read_text())
     logged["limits"]["memory_mb"] = TOO_SMALL_MB
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(logged))
-    shutil.rmtree(unquantized_cache / "quantized")
-    with pytest.raises((MemoryError, RuntimeError, OSError)):
+    shutil.rmtree(unquantized_cache / "quantized", ignore_errors=True)
+    with pytest.raises((MemoryError, RuntimeError, OSError), match=CAP_HIT):
         score_final(str(trial_dir), {"limit": 2}, threads=1)

@@ -64,6 +64,7 @@ def test_every_stage_has_a_rule_and_a_docstring():
 @pytest.mark.parametrize("stage", sorted(RULES))
 def test_stage_imports_only_what_its_docstring_allows(stage: str):
     allowed, banned = RULES[stage]
+    assert any(_stage(module) == stage for module in IMPORTS), f"no module of {stage} was read"
     for module, names in IMPORTS.items():
         if _stage(module) != stage:
             continue
@@ -108,10 +109,13 @@ def test_no_import_cycle_between_stages_but_the_known_one():
     assert cycles == KNOWN_STAGE_CYCLES
 
 
-@pytest.mark.parametrize("module", sorted(MODULES))
-def test_a_long_module_says_why(module: str):
-    path = MODULES[module]
-    lines = len(path.read_text().splitlines())
-    if lines > MAX_LINES:
-        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        assert "longer than" in doc.lower(), f"{module} has {lines} lines and no reason in its docstring"
+def _docstring(path: Path) -> str:
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def test_a_long_module_says_why():
+    assert len(MODULES) > 50, sorted(MODULES)
+    lengths = {module: len(path.read_text().splitlines()) for module, path in MODULES.items()}
+    silent = [f"{module} has {lines} lines and no reason in its docstring" for module, lines in sorted(lengths.items())
+              if lines > MAX_LINES and "longer than" not in _docstring(MODULES[module]).lower()]
+    assert not silent, "\n".join(silent)

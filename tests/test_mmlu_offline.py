@@ -62,6 +62,7 @@ def test_every_subject_renders_exactly_as_lm_evals_own_task(rows: list[dict], of
     from lm_eval.tasks import get_task_dict
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    assert len(mmlu.subjects()) == 57
     assert set(offline_leaves) == {f"{mmlu.GROUP}_{s}" for s in mmlu.subjects()}
     for subject in mmlu.subjects():
         data = tmp_path / f"{subject}.jsonl"

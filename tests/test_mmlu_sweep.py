@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,6 +55,32 @@ def test_sweep_runs_offline_and_ranks_by_zorble(mmlu_sweep):
     assert parent.data.tags["qsweep.metric"] == "zorble/acc"
 
 
+def _lm_eval_categories() -> dict[str, str]:
+    """subject -> category, read from lm-eval's own mmlu YAMLs (each subject's `tag`)."""
+    import lm_eval
+
+    folder = Path(lm_eval.__file__).parent / "tasks" / "mmlu" / "default"
+    tags = {config["dataset_name"]: config["tag"] for config in map(yaml.safe_load, map(Path.read_text,
+                                                                                          folder.glob("mmlu_*.yaml")))}
+    return {subject: tag.removeprefix("mmlu_").removesuffix("_tasks") for subject, tag in tags.items()}
+
+
+def _recomputed_from_samples(run_id: str, uri: str) -> dict[str, float]:
+    """lm-eval's size-weighted group means, recomputed from the trial's logged per-item samples: a
+    category's accuracy is the mean over every item of its subjects, the group's over all items."""
+    local = client(uri).download_artifacts(run_id, "lm_eval_samples.jsonl")
+    samples = [json.loads(line) for line in Path(local).read_text().splitlines()]
+    category = _lm_eval_categories()
+    items: dict[str, list[float]] = {}
+    for sample in samples:
+        subject = sample["task"].removeprefix(f"{mmlu.GROUP}_")
+        if sample["task"].startswith(f"{mmlu.GROUP}_") and subject in category:
+            items.setdefault(f"{mmlu.GROUP}_{category[subject]}", []).append(sample["acc"])
+            items.setdefault(mmlu.GROUP, []).append(sample["acc"])
+    assert len(items[mmlu.GROUP]) == 57  # one question per subject
+    return {name: sum(values) / len(values) for name, values in items.items()}
+
+
 def test_trials_log_mmlu_its_categories_and_delta_vs_base(mmlu_sweep):
     (parent,) = _runs(mmlu_sweep["uri"], "sweep")
     trials = _runs(mmlu_sweep["uri"], "trial")
@@ -62,8 +89,9 @@ def test_trials_log_mmlu_its_categories_and_delta_vs_base(mmlu_sweep):
         metrics = run.data.metrics
         # The untuned base in the trial's own 4-bit type.
         base = parent.data.metrics[f"baseline/{run.data.params['quantization.quant_type']}/{mmlu.GROUP}/acc"]
-        for name in (mmlu.GROUP, *(f"{mmlu.GROUP}_{c}" for c in CATEGORIES)):
-            assert 0.0 <= metrics[f"{name}/acc"] <= 1.0, name
+        expected = _recomputed_from_samples(run.info.run_id, mmlu_sweep["uri"])
+        assert sorted(expected) == sorted([mmlu.GROUP, *(f"{mmlu.GROUP}_{c}" for c in CATEGORIES)])
+        assert {name: metrics[f"{name}/acc"] for name in expected} == pytest.approx(expected, abs=1e-9)
         assert metrics[f"delta/{mmlu.GROUP}/acc"] == pytest.approx(metrics[f"{mmlu.GROUP}/acc"] - base)
         # 57 subjects, one question each: the group's accuracy is a multiple of 1/57.
         assert round(metrics[f"{mmlu.GROUP}/acc"] * 57, 6) == round(metrics[f"{mmlu.GROUP}/acc"] * 57)
@@ -85,6 +113,7 @@ def test_leaderboard_shows_mmlu_beside_the_ranked_score(mmlu_sweep):
     board = json.loads(result.output)
     assert board["metric"] == "zorble/acc" and board["mmlu"] == mmlu.GROUP
     trials = {r.info.run_id: r.data.metrics for r in _runs(mmlu_sweep["uri"], "trial")}
+    assert len(board["rows"]) == len(trials) == 2
     for row in board["rows"]:
         metrics = trials[row["run_id"]]
         assert row["mmlu"] == metrics[f"{mmlu.GROUP}/acc"]
