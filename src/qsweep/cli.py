@@ -351,8 +351,8 @@ def estimate(
         budget_mb,
         extreme_trials,
         resource_request,
+        sized_estimate,
         this_machine,
-        trial_estimate,
     )
     from qsweep.train.models import resolve_model
 
@@ -361,9 +361,9 @@ def estimate(
     if device is not Device.auto and device.value != machine.device:
         machine = Machine(device.value, 80 * 1024 if device is Device.cuda else machine.memory_mb)
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
-    estimates = {name: trial_estimate(trial, path, machine.device)
+    estimates = {name: sized_estimate(trial, sweep.base_dir, path, machine.device)
                  for name, trial in extreme_trials(sweep, space).items()}
-    rows = {name: {**e.model_dump(), "budget_mb": budget_mb(e),
+    rows = {name: {**e.model_dump(), "sizing": e.sequence.describe(), "budget_mb": budget_mb(e),
                    "request": resource_request(e, machine, sweep.resources.cpus_per_trial)}
             for name, e in estimates.items()}
     if format is Format.json:
@@ -383,6 +383,8 @@ def estimate(
                 for name, r in rows.items()}
     table.add_row("trials that fit", *(str(per_card[name]) for name in rows))
     console.print(table)
+    for name, e in estimates.items():
+        console.print(f"{name}: {e.sequence.describe()}", markup=False, highlight=False)
 
 
 @app.command()

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 from qsweep.config.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.config.schema import TrialConfig
 from qsweep.train import structure
+from qsweep.train.lengths import BatchLength, DataLengths, eval_batch_length, training_batch_length
 from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
@@ -81,7 +82,11 @@ class MemoryEstimate(BaseModel):
     quantized_param_count: int
     unquantized_param_count: int
     lora_param_count: int
-    tokens_per_step: int
+    tokens_per_step: int  # of the longest padded batch: batch_size x sequence.tokens
+    # The row length the activations are sized for, and why (train.lengths); the longest validation
+    # row when the trial evaluates, else None.
+    sequence: BatchLength
+    eval_seq_length: int | None = None
 
     @property
     def tensors(self) -> float:
@@ -101,7 +106,8 @@ class MemoryEstimate(BaseModel):
             ("total", self.total),
         ]
         head = f"{title} ({self.device})" if title else self.device
-        return "\n".join([head] + [f"  {name:<28}{mib:>10.1f} MiB" for name, mib in rows])
+        lines = [head] + [f"  {name:<28}{mib:>10.1f} MiB" for name, mib in rows]
+        return "\n".join(lines + [f"  {self.sequence.describe()}"])
 
 
 @dataclass(frozen=True)
@@ -337,8 +343,20 @@ def activation_bytes(
     return inputs + final_norm + copies + max(loss, one_layer + layer_work)
 
 
-def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
-    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json only."""
+def eval_activation_bytes(shape: ModelShape, batch: int, seq: int, compute_bytes: int) -> int:
+    """Peak bytes of one validation batch: without gradients nothing is saved, and the peak is the
+    loss's fp32 [tokens x vocab] buffers (logits, their fp32 copy, log-softmax) or one layer's work."""
+    tokens = batch * seq
+    dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
+    layer_work = tokens * (2 * shape.hidden + 3 * shape.intermediate) * 4 + dequant
+    return tokens * (shape.hidden * 4 + 4) + max(3 * tokens * shape.vocab * 4, layer_work)
+
+
+def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
+                          lengths: DataLengths | None = None) -> MemoryEstimate:
+    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json and, when
+    given, the data's token lengths (train.lengths): activations are sized for the longest padded
+    batch the trial is expected to read; without `lengths`, for rows of max_seq_length."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     dev: Device = "cuda" if device == "cuda" else "cpu"
@@ -361,6 +379,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
     optimizer = optimizer_bytes(lora_tensors, optimizer_name(training.optimizer, dev))
 
     compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
+    sequence = training_batch_length(lengths, training, trial.data.max_seq_length)
     activations = activation_bytes(
         shape,
         [(q.in_features, group[q.name]) for q in wrapped],
@@ -368,11 +387,16 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
         lora_count,
         lora.dropout,
         training.batch_size,
-        trial.data.max_seq_length,
+        sequence.tokens,
         training.gradient_checkpointing,
         dev,
         compute_bytes,
     )
+    # Each evaluation reads every validation row; its batches can be longer than any training batch.
+    evaluates = trial.data.validation is not None and training.max_steps >= training.eval_every
+    eval_seq = eval_batch_length(lengths, trial.data.max_seq_length) if evaluates else None
+    if eval_seq is not None:
+        activations = max(activations, eval_activation_bytes(shape, training.batch_size, eval_seq, compute_bytes))
     overhead = CUDA_CONTEXT_MIB if dev == "cuda" else CPU_RUNTIME_MIB
 
     parts = [quantized, unquantized, lora_bytes, lora_bytes, optimizer, activations]
@@ -390,5 +414,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str) -> 
         quantized_param_count=quantized_count,
         unquantized_param_count=shape.unquantized_params,
         lora_param_count=lora_count,
-        tokens_per_step=training.batch_size * trial.data.max_seq_length,
+        tokens_per_step=training.batch_size * sequence.tokens,
+        sequence=sequence,
+        eval_seq_length=eval_seq,
     )

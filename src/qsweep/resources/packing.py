@@ -19,6 +19,7 @@ from qsweep.config.paths import cache_dir, cache_root
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
+from qsweep.train.lengths import DataLengths, data_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +139,24 @@ def ray_share(share: float) -> float:
     return min(1.0, units * RAY_PRECISION)
 
 
-def trial_estimate(trial: TrialConfig, model_path: Path, device: str) -> MemoryEstimate:
-    return estimate_trial_memory(trial, model_path, device)
+def trial_estimate(trial: TrialConfig, model_path: Path, device: str,
+                   lengths: DataLengths | None = None) -> MemoryEstimate:
+    return estimate_trial_memory(trial, model_path, device, lengths)
+
+
+def trial_lengths(trial: TrialConfig, base_dir: Path, model_path: Path) -> DataLengths:
+    """The token lengths of the trial's data (profiled once per process for each data config)."""
+    return data_lengths(trial.data, base_dir, model_path, trial.model.trust_remote_code)
+
+
+def sized_estimate(trial: TrialConfig, base_dir: Path, model_path: Path, device: str) -> MemoryEstimate:
+    """The trial's estimate with activations sized from its data's real token lengths."""
+    return trial_estimate(trial, model_path, device, trial_lengths(trial, base_dir, model_path))
 
 
 def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Callable[[dict], dict[str, float]]:
-    """The function Ray calls with each trial's config to size its request."""
+    """The function Ray calls with each trial's config to size its request. Each trial's own batch
+    size, steps and max_seq_length pick its length from the data's profile (see train.lengths)."""
     base = sweep.trial()
     cpus = sweep.resources.cpus_per_trial
     fixed = sweep.resources.gpus_per_trial
@@ -152,7 +165,7 @@ def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Cal
         if machine.device == "cuda" and fixed != "auto":
             return {"cpu": cpus, "gpu": float(fixed)}
         trial = apply_params(base, config)
-        return resource_request(trial_estimate(trial, model_path, machine.device), machine, cpus)
+        return resource_request(sized_estimate(trial, sweep.base_dir, model_path, machine.device), machine, cpus)
 
     return request
 
@@ -178,8 +191,8 @@ def extreme_trials(sweep: SweepConfig, space: SearchSpace | None,
 def _greedy(sweep: SweepConfig, space: SearchSpace, path: Path, smallest: bool) -> TrialConfig:
     chosen: dict[str, Any] = {}
     for name, spec in space.params.items():
-        options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, name: v}), path, "cpu").total, i, v)
-                   for i, v in enumerate(spec.edge_values())]
+        options = [(sized_estimate(apply_params(sweep.trial(), {**chosen, name: v}), sweep.base_dir, path, "cpu").total,
+                    i, v) for i, v in enumerate(spec.edge_values())]
         chosen[name] = (min(options) if smallest else max(options))[2]
     return apply_params(sweep.trial(), chosen)
 
@@ -190,8 +203,9 @@ def check_fits(smallest: MemoryEstimate, machine: Machine) -> None:
         where = "one GPU" if machine.device == "cuda" else "this machine"
         raise DoesNotFit(
             f"the smallest trial of this sweep needs {needed:,.0f} MiB (estimate {smallest.total:,.0f} MiB with "
-            f"x{SAFETY_MARGIN} margin) but {where} has {machine.memory_mb:,.0f} MiB; lower training.batch_size or "
-            "data.max_seq_length, turn on training.gradient_checkpointing, or use a smaller model"
+            f"x{SAFETY_MARGIN} margin; {smallest.sequence.describe()}) but {where} has {machine.memory_mb:,.0f} MiB; "
+            "lower training.batch_size or data.max_seq_length, turn on training.gradient_checkpointing, or use a "
+            "smaller model"
         )
 
 

@@ -23,6 +23,7 @@ from qsweep.resources.caps import cap_process
 from qsweep.resources.estimate import estimate_trial_memory
 from qsweep.train import quantized
 from qsweep.train.data import data_hash, tokenized_sets
+from qsweep.train.lengths import DataLengths, LengthProfile
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
@@ -321,10 +322,14 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     load_seconds = time.perf_counter() - load_started
     if same_base:
         baseline = score_untuned_base(untuned_base, base_dir, model, tokenizer)
-    estimate = estimate_trial_memory(trial, model_info.path, device_type())
     peak = PeakMemory(model)
     data = trial.data
     train_set, eval_set = tokenized_sets(data, base_dir, tokenizer)
+    # Sized from this trial's own rows: the exact lengths its batches will have.
+    lengths = DataLengths(LengthProfile.of_tokenized(train_set),
+                          LengthProfile.of_tokenized(eval_set) if eval_set is not None else None)
+    estimate = estimate_trial_memory(trial, model_info.path, device_type(), lengths)
+    logger.info("memory estimate %.0f MiB; %s", estimate.total, estimate.sequence.describe())
     curve: list[dict[str, float]] = []
     trainer = Trainer(
         model=model,
@@ -372,6 +377,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         "peak_memory_mb": peak_mb,
         # What the estimate is compared with: tensors on CUDA (the context is outside torch's count).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
+        "memory_estimate_seq_length": float(estimate.sequence.tokens),
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "load_seconds": load_seconds,
         "baseline_seconds": baseline["seconds"] if baseline else 0.0,
