@@ -1,7 +1,7 @@
 """The memory estimate from the data's real token lengths against the peaks real trials measure.
 
 Each trial runs `train.trial.run_trial` in a fresh process (one torch thread, as a sweep's trial
-does), so its `peak_memory_mb` (train.trial.PeakMemory: model tensors + growth of the peak resident
+does, with a sweep worker's glibc setting), so its `peak_memory_mb` (train.trial.PeakMemory: model tensors + growth of the peak resident
 set while training) is its own. Side by side, for each trial:
 
 - measured: the trial's peak_memory_mb;
@@ -18,7 +18,7 @@ items: it runs after the peak is read and does not change it. Memory peaks are n
 work on the machine, so figures taken under load stand.
 
     python bench/estimate_lengths.py --out bench/results/estimate_lengths_cpu.json
-    python bench/estimate_lengths.py --model tiny-llama --quick
+    python bench/estimate_lengths.py --model tiny-llama --configs 1
 """
 
 from __future__ import annotations
@@ -78,9 +78,9 @@ def mixed_rows(count: int, seed: int, long_share: float = 0.3, long_words: tuple
     return rows
 
 
-def mixed_sweep(folder: Path, model: str) -> dict:
+def mixed_sweep(folder: Path, model: str, long_words: tuple[int, int] | None = None) -> dict:
     """A sweep over mixed rows: the quickstart's settings but for the data and the steps."""
-    long_words = LONG_WORDS.get(model, DEFAULT_LONG_WORDS)
+    long_words = long_words or LONG_WORDS.get(model, DEFAULT_LONG_WORDS)
     for name, count, seed in (("train", 400, 0), ("validation", 40, 1)):
         rows = mixed_rows(count, seed, long_words=long_words)
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,7 +127,9 @@ def measure(spec: dict, folder: Path) -> dict:
     folder.mkdir(parents=True)
     spec_file = folder / "spec.json"
     spec_file.write_text(json.dumps({**spec, "out": str(folder / "trial")}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    # As a sweep's Ray worker runs (orchestrate.driver.connect_ray sets glibc's mmap threshold to 4 MiB):
+    # without it glibc keeps freed tensor memory resident, and the peak would measure the heap's history.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
     proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_file)], capture_output=True, text=True,
                           env=env, timeout=1800)
     if proc.returncode != 0:
@@ -154,7 +156,7 @@ def compare(case: str, sweep: dict, params: dict, measured: dict) -> dict:
         "sizing": sized.sequence.describe(), "trial_seq_length": measured["memory_estimate_seq_length"],
         "components_mb": {k: round(v, 1) for k, v in sized.model_dump().items()
                           if k in ("quantized_weights", "unquantized_weights", "lora_params", "lora_grads",
-                                   "optimizer_state", "activations", "runtime_overhead")},
+                                   "optimizer_state", "activations", "runtime_overhead", "heap_slack")},
         "train_seconds_under_load": round(measured["train_seconds"], 1),
     }
 
@@ -163,7 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cases", nargs="+", choices=["quickstart", "mixed"], default=["quickstart", "mixed"])
-    parser.add_argument("--quick", action="store_true", help="the first two configs of each case")
+    parser.add_argument("--configs", type=int, help="only the first N configs of each case")
+    parser.add_argument("--long-words", type=int, nargs=2, help="words in a long row's context (default by model)")
     parser.add_argument("--parallel", type=int, default=2, help="trials measured at once (one core each)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -176,9 +179,9 @@ def main() -> None:
     resolve_model(args.model)  # build an embedded model once, before the workers race to
     with tempfile.TemporaryDirectory(prefix="qsweep-lengths-") as tmp:
         sweeps = {"quickstart": (quickstart_sweep(args.model), QUICKSTART_CONFIGS),
-                  "mixed": (mixed_sweep(Path(tmp), args.model), MIXED_CONFIGS)}
+                  "mixed": (mixed_sweep(Path(tmp), args.model, args.long_words), MIXED_CONFIGS)}
         jobs = [(case, sweeps[case][0], params) for case in args.cases
-                for params in sweeps[case][1][: 2 if args.quick else None]]
+                for params in sweeps[case][1][: args.configs]]
         with ThreadPoolExecutor(args.parallel) as pool:
             measured = list(pool.map(lambda ij: measure({"sweep": ij[1][1], "params": ij[1][2]},
                                                         Path(tmp) / f"trial-{ij[0]}"), enumerate(jobs)))

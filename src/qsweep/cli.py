@@ -375,7 +375,7 @@ def estimate(
     for name in rows:
         table.add_column(name, justify="right")
     fields = ["quantized_weights", "unquantized_weights", "lora_params", "lora_grads", "optimizer_state",
-              "activations", "runtime_overhead", "total", "budget_mb"]
+              "activations", "runtime_overhead", "heap_slack", "total", "budget_mb"]
     for field in fields:
         table.add_row(field, *(f"{rows[name][field]:,.1f}" for name in rows))
     per_card = {name: int(machine.memory_mb // (r["budget_mb"] + (estimates[name].runtime_overhead

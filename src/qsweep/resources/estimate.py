@@ -15,6 +15,15 @@ each layer's input is held, and the peak is the larger of that loss moment and t
 recomputed layer. Optimizer state exists from step 2 on and is counted in full; so are the LoRA
 gradients, although at the loss moment they do not exist yet (a small, deliberate overestimate).
 
+Activations are sized for the longest padded batch the trial is expected to read, not for rows of
+max_seq_length: the trial's collator pads each batch to its longest row, so with real instruction
+data most batches are far shorter than the limit. train.lengths profiles the data's tokenized rows
+and picks that length per trial (its batch size, steps and max_seq_length): the longest row when
+the trial reads every row, else the smallest length a longer row exceeds with probability under
+1/1,000. A validation pass reads every validation row without gradients; its peak (the loss's
+[tokens x vocab] buffers) counts when its longest row makes it the larger one. Without a profile
+(data that cannot be read here), rows are taken at max_seq_length, as before.
+
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
 bench/results/estimator_cpu.json: within 5% of the allocator peak). The bf16-autocast dtypes were
 checked by running the forward pass under CPU autocast and summing what autograd saves per layer;
@@ -57,11 +66,23 @@ OPT8_MIN_SIZE = 4096
 CUDA_CONTEXT_MIB = 550.0
 
 # On the CPU, what grows during training besides tensors (autograd graph, Trainer and dataloader
-# objects, malloc bookkeeping, oneDNN scratch): peak-RSS growth minus torch-allocator growth was
-# 25-35 MiB for models of 8 to 30 layers (tests/test_estimate.py, SmolLM2-135M). Not included: the
+# objects, modules imported on the first step, oneDNN scratch): 22-24 MiB on a 2-layer model where
+# nothing else is left (bench/results/estimate_lengths_cpu.json), 25-35 MiB over the allocator's
+# peak for 8 to 30 layers with glibc's heap kept small (tests/test_estimate.py). Not included: the
 # interpreter and its libraries, ~550 MiB of RSS before any model is loaded and the same for every
 # trial; add them when sizing a CPU worker's memory.
-CPU_RUNTIME_MIB = 32.0
+CPU_RUNTIME_MIB = 24.0
+
+# On the CPU, glibc's heap: a sweep's workers mmap blocks of 4 MiB and more, which go back when freed
+# (orchestrate.driver sets MALLOC_MMAP_THRESHOLD_), and take smaller ones from the heap, where freed
+# blocks stay resident and the next step reuses them only in part. At SmolLM2-135M's peak glibc
+# held ~200 MiB of free heap (mallinfo2 at the loss, quickstart), appearing from the second step
+# on. Fitted on 33 real trials (three models of 2, 8 and 30 layers, short and mixed rows): a share
+# of the 4-bit weights' size at fp32 (what each step's dequantized copies add up to) plus a share of
+# the activations. The 33 estimates came out 0.87-1.21x their measured peaks, so with SAFETY_MARGIN
+# no trial exceeded its budget.
+CPU_HEAP_SLACK_PER_WEIGHT = 0.7 * 4  # bytes per 4-bit parameter
+CPU_HEAP_SLACK_OF_ACTIVATIONS = 0.2
 
 
 class MemoryEstimate(BaseModel):
@@ -78,6 +99,8 @@ class MemoryEstimate(BaseModel):
     activations: float
     runtime_overhead: float
     total: float
+    # CPU only: free heap glibc keeps resident at the peak (see CPU_HEAP_SLACK_*); part of `total`.
+    heap_slack: float = 0.0
     # Counts behind the figures, so a surprising number can be traced to its cause.
     quantized_param_count: int
     unquantized_param_count: int
@@ -92,7 +115,7 @@ class MemoryEstimate(BaseModel):
     def tensors(self) -> float:
         """The tensor part, comparable with torch.cuda.max_memory_allocated (or the CPU allocator's
         peak). Paged optimizer state lives in CUDA managed memory, which that counter leaves out."""
-        return self.total - self.runtime_overhead
+        return self.total - self.runtime_overhead - self.heap_slack
 
     def format(self, title: str = "") -> str:
         rows = [
@@ -103,6 +126,7 @@ class MemoryEstimate(BaseModel):
             ("optimizer state", self.optimizer_state),
             ("activations (peak)", self.activations),
             ("CUDA context" if self.device == "cuda" else "runtime overhead", self.runtime_overhead),
+            *([("free heap kept resident", self.heap_slack)] if self.device == "cpu" else []),
             ("total", self.total),
         ]
         head = f"{title} ({self.device})" if title else self.device
@@ -398,9 +422,11 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
     if eval_seq is not None:
         activations = max(activations, eval_activation_bytes(shape, training.batch_size, eval_seq, compute_bytes))
     overhead = CUDA_CONTEXT_MIB if dev == "cuda" else CPU_RUNTIME_MIB
+    slack = 0.0 if dev == "cuda" else (
+        CPU_HEAP_SLACK_PER_WEIGHT * quantized_count + CPU_HEAP_SLACK_OF_ACTIVATIONS * activations) / MIB
 
     parts = [quantized, unquantized, lora_bytes, lora_bytes, optimizer, activations]
-    total = sum(parts) / MIB + overhead
+    total = sum(parts) / MIB + overhead + slack
     return MemoryEstimate(
         device=dev,
         quantized_weights=quantized / MIB,
@@ -411,6 +437,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
         activations=activations / MIB,
         runtime_overhead=overhead,
         total=total,
+        heap_slack=slack,
         quantized_param_count=quantized_count,
         unquantized_param_count=shape.unquantized_params,
         lora_param_count=lora_count,
