@@ -1,4 +1,9 @@
-"""Peak memory of one trial, from its config and the model's config.json alone (no weights).
+"""Peak memory of one trial, from its config, the model's config.json (no weights) and its data's
+token lengths.
+
+Longer than 400 lines: one model of a trial's memory whose terms (4-bit storage, LoRA, optimizer,
+activations per layer, the loss and validation buffers, CPU heap) are read and checked together
+against one measured peak; the activation terms are the part to move out when it grows further.
 
 The estimate is what Ray needs to pack several trials onto one GPU, and what validation needs to
 say "this trial cannot fit" before anything is loaded. It models what `trial.run_trial` actually

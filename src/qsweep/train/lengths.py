@@ -115,6 +115,12 @@ class DataLengths:
     unread: str = ""
 
 
+def of_sets(train: Any, validation: Any | None) -> DataLengths:
+    """The exact profiles of tokenized sets: a trial's own rows."""
+    return DataLengths(LengthProfile.of_tokenized(train),
+                       LengthProfile.of_tokenized(validation) if validation is not None else None)
+
+
 class BatchLength(BaseModel):
     """The row length of the longest padded batch the activations are sized for, and why."""
 

@@ -21,9 +21,8 @@ from qsweep.evaluate import cache as evaluation_cache
 from qsweep.evaluate.harness import score
 from qsweep.resources.caps import cap_process, give_back_memory
 from qsweep.resources.estimate import estimate_trial_memory
-from qsweep.train import quantized
+from qsweep.train import lengths, quantized
 from qsweep.train.data import data_hash, tokenized_sets
-from qsweep.train.lengths import DataLengths, LengthProfile
 from qsweep.train.models import content_hash, resolve_model
 from qsweep.train.provenance import CONFIG_FILE, write_provenance
 from qsweep.train.targets import linear_module_names, resolve_target_modules
@@ -160,9 +159,6 @@ class PeakMemory:
     On CUDA: torch's peak allocation. On a CPU, ru_maxrss would be dominated by the interpreter and
     its libraries (~550 MiB) and by transient copies while loading, so the peak resident set is reset
     once the model is in memory and the model's own tensor bytes are added to its growth from there.
-    What loading freed is given back first: heap pages glibc kept would otherwise be reused by
-    training without growing the resident set, and the peak would read up to ~300 MiB low, by
-    however much loading happened to leave behind (SmolLM2-135M: 770 to 1,060 MiB, one config).
     """
 
     def __init__(self, model: Any):
@@ -170,7 +166,7 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return
-        give_back_memory()
+        give_back_memory()  # else training reuses what loading freed unseen (one config read 770-1,060 MiB)
         try:
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
@@ -329,11 +325,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     peak = PeakMemory(model)
     data = trial.data
     train_set, eval_set = tokenized_sets(data, base_dir, tokenizer)
-    # Sized from this trial's own rows: the exact lengths its batches will have.
-    lengths = DataLengths(LengthProfile.of_tokenized(train_set),
-                          LengthProfile.of_tokenized(eval_set) if eval_set is not None else None)
-    estimate = estimate_trial_memory(trial, model_info.path, device_type(), lengths)
-    logger.info("memory estimate %.0f MiB; %s", estimate.total, estimate.sequence.describe())
+    estimate = estimate_trial_memory(trial, model_info.path, device_type(), lengths.of_sets(train_set, eval_set))
     curve: list[dict[str, float]] = []
     trainer = Trainer(
         model=model,
