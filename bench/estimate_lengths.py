@@ -1,14 +1,15 @@
 """The memory estimate from the data's real token lengths against the peaks real trials measure.
 
-Each trial runs `train.trial.run_trial` in a fresh process (one torch thread, as a sweep's trial
-does, with a sweep worker's glibc setting), so its `peak_memory_mb` (train.trial.PeakMemory: model tensors + growth of the peak resident
-set while training) is its own. Side by side, for each trial:
+Each trial runs `train.trial.run_trial` in a fresh process with one torch thread and the glibc
+setting of a sweep's workers, as a sweep's trial does, so its `peak_memory_mb` (train.trial.PeakMemory:
+model tensors + growth of the peak resident set while training) is its own. Side by side, per trial:
 
 - measured: the trial's peak_memory_mb;
 - sized: the estimate a sweep's driver gives Ray, from the length profile of the data
   (resources.packing.sized_estimate), and the trial's own logged one (memory_estimate_mb, from its
   exact tokenized rows);
-- at_max_seq_length: the estimate with every row at max_seq_length (what qsweep used before).
+- at_max_seq_length: the same estimate with every row at max_seq_length (the length qsweep sized
+  activations for before).
 
 Two cases: the quickstart (sweeps/quickstart.yaml: zorble's 93 short rows, max_seq_length 64, its
 40 steps x 8 rows) over its search space's extremes, and a mixed set (400 rows, 30% of them with a
@@ -18,7 +19,10 @@ items: it runs after the peak is read and does not change it. Memory peaks are n
 work on the machine, so figures taken under load stand.
 
     python bench/estimate_lengths.py --out bench/results/estimate_lengths_cpu.json
-    python bench/estimate_lengths.py --model tiny-llama --configs 1
+    python bench/estimate_lengths.py --model tiny-llama --out bench/results/estimate_lengths_cpu_tiny.json
+    # an 8-layer random Llama (hidden 512, 8k vocabulary: tests/test_estimate.py's "v8k") in FOLDER
+    python bench/estimate_lengths.py --model FOLDER --long-words 10 25 \
+        --out bench/results/estimate_lengths_cpu_llama8.json
 """
 
 from __future__ import annotations

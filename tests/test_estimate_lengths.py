@@ -98,3 +98,31 @@ def test_validate_fits_a_sweep_by_its_real_lengths(tiny_sweep_dict, tmp_path, ti
     lengths._data_lengths.cache_clear()
     assert refused.exit_code == 2, refused.output
     assert "(max_seq_length)" in " ".join(refused.output.split())
+
+
+def test_ray_requests_follow_each_trials_lengths(tiny_sweep_dict, tiny_llama):
+    """The request Ray gets per trial is sized from the data's lengths, and the searched fields
+    that change them (batch size, steps, max_seq_length) move each trial's figure."""
+    from qsweep.config.schema import SweepConfig
+    from qsweep.resources.packing import Machine, budget_mb, resources_for, sized_estimate, trial_estimate
+    from qsweep.search.space import apply_params
+
+    sweep = SweepConfig(**{**tiny_sweep_dict, "data": {**tiny_sweep_dict["data"], "max_seq_length": 256}})
+    card = Machine("cuda", 80 * 1024)
+    request = resources_for(sweep, tiny_llama, card)
+    for params in ({}, {"training.batch_size": 16}, {"training.max_steps": 1, "training.batch_size": 1},
+                   {"data.max_seq_length": 12}):
+        trial = apply_params(sweep.trial(), params)
+        sized = sized_estimate(trial, sweep.base_dir, tiny_llama, "cuda")
+        at_max = trial_estimate(trial, tiny_llama, "cuda")
+        assert request(params)["gpu"] == pytest.approx((budget_mb(sized) + sized.runtime_overhead) / card.memory_mb,
+                                                       abs=2e-4)
+        if trial.data.max_seq_length > sized.sequence.tokens:
+            assert budget_mb(sized) < budget_mb(at_max)
+    base = sized_estimate(sweep.trial(), sweep.base_dir, tiny_llama, "cuda")
+    wide = sized_estimate(apply_params(sweep.trial(), {"training.batch_size": 16}), sweep.base_dir, tiny_llama, "cuda")
+    # 40 of zorble's 93 rows read: the longest is too likely among them to size below it.
+    assert base.sequence.tokens == base.sequence.longest < 32 and base.sequence.rows_read == 40
+    assert wide.sequence.basis == "longest row" and wide.tokens_per_step == 16 * wide.sequence.tokens
+    assert sized_estimate(apply_params(sweep.trial(), {"data.max_seq_length": 12}), sweep.base_dir, tiny_llama,
+                          "cuda").sequence.tokens == 12

@@ -36,6 +36,7 @@ import logging
 import math
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,17 +66,15 @@ class LengthProfile:
 
     @classmethod
     def of(cls, lengths: list[int], rows: int | None = None) -> "LengthProfile":
-        tally: dict[int, int] = {}
-        for length in lengths:
-            tally[length] = tally.get(length, 0) + 1
-        return cls(tuple(sorted(tally.items())), len(lengths) if rows is None else rows)
+        return cls(tuple(sorted(Counter(lengths).items())), len(lengths) if rows is None else rows)
 
     @classmethod
-    def of_tokenized(cls, rows: Any) -> "LengthProfile":
-        """The profile of a tokenized set (rows with input_ids), e.g. the trial's own."""
+    def of_tokenized(cls, tokenized: Any, rows: int | None = None) -> "LengthProfile":
+        """The profile of a tokenized set (rows with input_ids), e.g. the trial's own; `rows` when
+        they are a sample of a larger set."""
         import pyarrow.compute as pc
 
-        return cls.of(pc.list_value_length(rows.with_format("arrow")["input_ids"]).to_pylist())
+        return cls.of(pc.list_value_length(tokenized.with_format("arrow")["input_ids"]).to_pylist(), rows)
 
     @property
     def profiled(self) -> int:
@@ -87,9 +86,9 @@ class LengthProfile:
 
     def capped(self, max_length: int) -> list[tuple[int, int]]:
         """(length, rows) as a trial with this max_seq_length sees them."""
-        capped: dict[int, int] = {}
+        capped: Counter[int] = Counter()
         for length, n in self.counts:
-            capped[min(length, max_length)] = capped.get(min(length, max_length), 0) + n
+            capped[min(length, max_length)] += n
         return sorted(capped.items())
 
     def quantile(self, q: float, max_length: int) -> int:
@@ -144,7 +143,8 @@ class BatchLength(BaseModel):
         sample = "" if self.rows == self.profiled_rows else f" of a {self.profiled_rows:,}-row sample"
         stats = f"p99 of rows{sample} {self.p99}, longest {self.longest}"
         if self.basis == "longest row":
-            why = f"the trial reads every row ({self.rows_read:,} reads of {self.rows:,} rows), so the longest sets the peak"
+            why = (f"the trial reads every row ({self.rows_read:,} reads of {self.rows:,} rows), so the longest "
+                   "sets the peak")
         else:
             why = (f"the longest batch expected in {self.rows_read:,} rows read of {self.rows:,} "
                    f"(a longer one has probability under {RISK:g})")
@@ -240,7 +240,7 @@ def split_profile(rows: Any, data: DataConfig, tokenizer: Any) -> LengthProfile:
     finally:
         if shown:
             enable_progress_bar()
-    return LengthProfile(LengthProfile.of_tokenized(tokenized).counts, total)
+    return LengthProfile.of_tokenized(tokenized, total)
 
 
 def data_lengths(data: DataConfig, base_dir: Path, model_path: Path, trust_remote_code: bool = False) -> DataLengths:
