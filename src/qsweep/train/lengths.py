@@ -137,7 +137,7 @@ class BatchLength(BaseModel):
     note: str = ""  # why max_seq_length was used, when it was
 
     def describe(self) -> str:
-        head = f"activations sized for {self.batch_size} x {self.tokens} tokens"
+        head = f"activations sized for {self.batch_size:,} x {self.tokens:,} tokens"
         if self.basis == "max_seq_length":
             return f"{head} (max_seq_length): {self.note}"
         sample = "" if self.rows == self.profiled_rows else f" of a {self.profiled_rows:,}-row sample"
@@ -148,8 +148,8 @@ class BatchLength(BaseModel):
         else:
             why = (f"the longest batch expected in {self.rows_read:,} rows read of {self.rows:,} "
                    f"(a longer one has probability under {RISK:g})")
-        return (f"{head}: {why} ({stats}); max_seq_length {self.max_seq_length} would be "
-                f"{self.batch_size} x {self.max_seq_length}")
+        return (f"{head}: {why} ({stats}); max_seq_length {self.max_seq_length:,} would be "
+                f"{self.batch_size:,} x {self.max_seq_length:,}")
 
 
 def rows_read(training: TrainingConfig) -> int:
