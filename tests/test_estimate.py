@@ -304,7 +304,9 @@ def test_estimate_within_15_percent_of_measured_peak(llamas, tmp_path):
             "estimate_tensors_mib": round(est.tensors, 1),
             **{k: round(v, 1) for k, v in got.items()},
             "ratio_allocator": round(est.tensors / got["allocator_peak_mib"], 3),
-            "ratio_rss": round(est.total / got["rss_peak_mib"], 3),
+            # The measuring process pins glibc's mmap threshold at 128 KiB, where freed tensors leave
+            # no heap behind: the estimate's free-heap term (a sweep worker's 4 MiB) does not apply.
+            "ratio_rss": round((est.total - est.heap_slack) / got["rss_peak_mib"], 3),
         })
     if os.environ.get("QSWEEP_ESTIMATOR_RESULTS"):
         out = Path(os.environ["QSWEEP_ESTIMATOR_RESULTS"])

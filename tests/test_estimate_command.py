@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from qsweep.cli import app
 
 COMPONENTS = ("quantized_weights", "unquantized_weights", "lora_params", "lora_grads", "optimizer_state",
-              "activations", "runtime_overhead")
+              "activations", "runtime_overhead", "heap_slack")
 
 
 @pytest.fixture

@@ -142,7 +142,7 @@ def test_packed_trials_stay_under_their_caps(gpu_sweep, tmp_path):
     from qsweep.cli import app
     from qsweep.config.schema import SweepConfig, TrialConfig
     from qsweep.resources.caps import tensor_fraction
-    from qsweep.resources.packing import resource_request, this_machine, trial_estimate
+    from qsweep.resources.packing import resource_request, sized_estimate, this_machine
     from qsweep.tracking.state import output_folder
     from qsweep.train.models import resolve_model
 
@@ -154,6 +154,8 @@ def test_packed_trials_stay_under_their_caps(gpu_sweep, tmp_path):
     sweep["output_dir"] = str(tmp_path / "runs")
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(yaml.safe_dump(sweep))
+    # Sized before the run: the sweep stores the CUDA context it measures, and later machines use it.
+    machine, path = this_machine(), resolve_model(MODEL).path
     result = CliRunner().invoke(app, ["run", str(sweep_file)])
     assert result.exit_code == 0, result.output
 
@@ -161,14 +163,15 @@ def test_packed_trials_stay_under_their_caps(gpu_sweep, tmp_path):
     runs = mlflow_client.search_runs([e.experiment_id for e in mlflow_client.search_experiments()],
                                      filter_string="tags.`qsweep.kind` = 'trial'")
     assert sorted(r.data.tags.get("qsweep.outcome") for r in runs) == ["finished"] * len(ranks)
-    machine, path = this_machine(), resolve_model(MODEL).path
     trials_root = output_folder(SweepConfig(**sweep)) / "trials"
     spans = []
     for run in runs:
         logged = yaml.safe_load((trials_root / run.data.tags["qsweep.trial_id"] / "config.yaml").read_text())
         trial = TrialConfig(**{k: v for k, v in logged.items() if k != "provenance"})
-        share = resource_request(trial_estimate(trial, path, "cuda"), machine, 1)["gpu"]
-        assert run.data.metrics["peak_memory_mb"] <= tensor_fraction(share, machine.memory_mb) * machine.memory_mb
+        estimate = sized_estimate(trial, sweep_file.parent, path, "cuda", machine.context_mb)
+        share = resource_request(estimate, machine, 1)["gpu"]
+        cap = tensor_fraction(share, machine.memory_mb, machine.context_mb) * machine.memory_mb
+        assert run.data.metrics["peak_memory_mb"] <= cap
         spans.append((run.info.start_time, run.info.end_time))
     overlapping = max(sum(1 for s, e in spans if s <= start < e) for start, _ in spans)
     assert overlapping >= 2, "the trials ran one at a time: nothing was packed"

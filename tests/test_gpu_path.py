@@ -39,6 +39,7 @@ from qsweep.resources.packing import (
     machine_from_nodes,
     needed_mb,
     refuse_oversized,
+    sized_estimate,
     resources_for,
     save_cuda_contexts,
     trial_estimate,
@@ -380,7 +381,7 @@ def test_trials_are_sized_and_capped_with_the_context_measured_on_their_card(fre
                                  lambda node: Card(CARD_80, "NVIDIA H100"))
     assert machine == Machine("cuda", CARD_80, "NVIDIA H100", 900.0)
     sweep = SweepConfig(**tiny_sweep_dict)
-    estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda", machine.context_mb)
+    estimate = trial_estimate(sweep.trial(), tiny_llama, "cuda", context_mb=machine.context_mb)
     share = resources_for(sweep, tiny_llama, machine)({})["gpu"]
     assert share == pytest.approx((budget_mb(estimate) + 900.0) / CARD_80, abs=2e-4)
     # The cap the trial sets from that share and the same context leaves it its whole budget.
@@ -413,7 +414,7 @@ def _big(sweep: SweepConfig):
 
 def _card_between(sweep: SweepConfig, model_path: Path) -> float:
     """A card the sweep's base trial fits and its big variant (_big) does not."""
-    small, big = (needed_mb(trial_estimate(t, model_path, "cuda")) for t in (sweep.trial(), _big(sweep)))
+    small, big = (needed_mb(sized_estimate(t, sweep.base_dir, model_path, "cuda")) for t in (sweep.trial(), _big(sweep)))
     assert small < big
     return (small + big) / 2
 
@@ -422,7 +423,7 @@ def test_validation_refuses_a_sweep_whose_smallest_trial_cannot_fit_the_card(tin
     from qsweep.preflight.fit import check_fits
 
     sweep = SweepConfig(**tiny_sweep_dict)
-    needed = needed_mb(trial_estimate(sweep.trial(), tiny_llama, "cuda"))
+    needed = needed_mb(sized_estimate(sweep.trial(), sweep.base_dir, tiny_llama, "cuda"))
     problems = check_fits(sweep, None, tiny_llama, Machine("cuda", needed * 0.9))
     assert len(problems) == 1 and problems[0].startswith("resources: the smallest trial of this sweep needs ")
     assert f"{needed:,.0f} MiB" in problems[0] and "batch_size" in problems[0]
@@ -449,8 +450,8 @@ def test_a_trial_too_big_for_the_card_gets_the_whole_card_and_refuses_itself(tin
     assert resources_for(sweep, tiny_llama, machine)({"training.batch_size": 64}) == {
         "cpu": 1, "gpu": 1.0}  # Ray can place it...
     with pytest.raises(DoesNotFit, match=f"this trial needs .* but one GPU has {card:,.0f} MiB"):
-        refuse_oversized(big, tiny_llama, machine, 1.0)  # ... and it refuses, before loading
-    refuse_oversized(sweep.trial(), tiny_llama, machine, 1.0)
+        refuse_oversized(big, sweep.base_dir, tiny_llama, machine, 1.0)  # ... and it refuses, before loading
+    refuse_oversized(sweep.trial(), sweep.base_dir, tiny_llama, machine, 1.0)
 
 
 @pytest.mark.slow

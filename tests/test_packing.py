@@ -18,6 +18,7 @@ from qsweep.resources.packing import (
     on_cpu_ladder,
     resources_for,
     save_calibration,
+    sized_estimate,
     trial_estimate,
 )
 from qsweep.search.space import ParamSpec, SearchSpace, apply_params
@@ -57,8 +58,9 @@ def test_on_a_cpu_trials_of_about_the_same_size_ask_alike(tiny_sweep_dict, tiny_
     """Ray Tune reuses a worker process only for a trial asking for exactly the same resources."""
     request = resources_for(SweepConfig(**tiny_sweep_dict), tiny_llama, Machine("cpu", 24 * 1024))
     asked = {r: request({"lora.r": r})["memory"] / 2**20 for r in (4, 8, 16, 512)}
-    budgets = {r: budget_mb(trial_estimate(apply_params(SweepConfig(**tiny_sweep_dict).trial(), {"lora.r": r}),
-                                           tiny_llama, "cpu")) for r in asked}
+    sweep = SweepConfig(**tiny_sweep_dict)
+    budgets = {r: budget_mb(sized_estimate(apply_params(sweep.trial(), {"lora.r": r}), sweep.base_dir, tiny_llama,
+                                           "cpu")) for r in asked}
     for r, request_mb in asked.items():
         assert budgets[r] <= request_mb <= budgets[r] * 2 ** (1 / 4) + 1e-6, (r, budgets[r], request_mb)
     assert asked[4] == asked[8] == asked[16] < asked[512]

@@ -391,8 +391,8 @@ def estimate(
         cuda_machine,
         extreme_trials,
         resource_request,
+        sized_estimate,
         this_machine,
-        trial_estimate,
     )
     from qsweep.train.models import resolve_model
 
@@ -401,9 +401,9 @@ def estimate(
     if device is not Device.auto and device.value != machine.device:
         machine = cuda_machine(Card(80 * 1024)) if device is Device.cuda else Machine("cpu", machine.memory_mb)
     path = resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path
-    estimates = {name: trial_estimate(trial, path, machine.device, machine.context_mb)
+    estimates = {name: sized_estimate(trial, sweep.base_dir, path, machine.device, machine.context_mb)
                  for name, trial in extreme_trials(sweep, space).items()}
-    rows = {name: {**e.model_dump(), "budget_mb": budget_mb(e),
+    rows = {name: {**e.model_dump(), "sizing": e.sequence.describe(), "budget_mb": budget_mb(e),
                    "request": resource_request(e, machine, sweep.resources.cpus_per_trial)}
             for name, e in estimates.items()}
     if format is Format.json:
@@ -415,7 +415,7 @@ def estimate(
     for name in rows:
         table.add_column(name, justify="right")
     fields = ["quantized_weights", "unquantized_weights", "lora_params", "lora_grads", "optimizer_state",
-              "activations", "runtime_overhead", "total", "budget_mb"]
+              "activations", "runtime_overhead", "heap_slack", "total", "budget_mb"]
     for field in fields:
         table.add_row(field, *(f"{rows[name][field]:,.1f}" for name in rows))
     per_card = {name: int(machine.memory_mb // (r["budget_mb"] + (estimates[name].runtime_overhead
@@ -423,6 +423,8 @@ def estimate(
                 for name, r in rows.items()}
     table.add_row("trials that fit", *(str(per_card[name]) for name in rows))
     console.print(table)
+    for name, e in estimates.items():
+        console.print(f"{name}: {e.sequence.describe()}", markup=False, highlight=False)
 
 
 @app.command()

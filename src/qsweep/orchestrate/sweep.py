@@ -135,7 +135,7 @@ def _train_and_report(trial: TrialConfig, base_dir: str, out_dir: Path,
 
     try:
         model_path = resolve_model(trial.model.name, trial.model.revision, Path(base_dir)).path
-        refuse_oversized(trial, model_path, machine, calibration_factor)
+        refuse_oversized(trial, Path(base_dir), model_path, machine, calibration_factor)
         untuned_base = stages.untuned_base_for(trial, pending_baselines, Path(base_dir))
         outcome = run_trial(trial, Path(base_dir), out_dir, report=tune.report, untuned_base=untuned_base,
                             context_mb=machine.context_mb)

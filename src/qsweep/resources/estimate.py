@@ -1,4 +1,9 @@
-"""Peak memory of one trial, from its config and the model's config.json alone (no weights).
+"""Peak memory of one trial, from its config, the model's config.json (no weights) and its data's
+token lengths.
+
+Longer than 400 lines: one model of a trial's memory whose terms (4-bit storage, LoRA, optimizer,
+activations per layer, the loss and validation buffers, CPU heap) are read and checked together
+against one measured peak; the activation terms are the part to move out when it grows further.
 
 The estimate is what Ray needs to pack several trials onto one GPU, and what validation needs to
 say "this trial cannot fit" before anything is loaded. It models what `trial.run_trial` actually
@@ -15,8 +20,20 @@ each layer's input is held, and the peak is the larger of that loss moment and t
 recomputed layer. Optimizer state exists from step 2 on and is counted in full; so are the LoRA
 gradients, although at the loss moment they do not exist yet (a small, deliberate overestimate).
 
+Activations are sized for the longest padded batch the trial is expected to read, not for rows of
+max_seq_length: the trial's collator pads each batch to its longest row, so with real instruction
+data most batches are far shorter than the limit. train.lengths profiles the data's tokenized rows
+and picks that length per trial (its batch size, steps and max_seq_length): the longest row when
+the trial reads every row, else the smallest length a longer row exceeds with probability under
+1/1,000. A validation pass reads every validation row without gradients; its peak (the loss's
+[tokens x vocab] buffers) counts when its longest row makes it the larger one. Without a profile
+(data that cannot be read here), rows are taken at max_seq_length, as before.
+
 Checked on the CPU against real QLoRA training steps (tests/test_estimate.py,
-bench/results/estimator_cpu.json: within 5% of the allocator peak). The bf16-autocast dtypes were
+bench/results/estimator_cpu.json: within 5% of the allocator peak), and against the peaks real
+trials measure with lengths from real data (bench/estimate_lengths.py, 33 trials of three models on
+the quickstart's configs and on mixed long and short rows: 0.90-1.15x; sized for max_seq_length the
+same trials came out 1.2-2.5x). The bf16-autocast dtypes were
 checked by running the forward pass under CPU autocast and summing what autograd saves per layer;
 the CUDA-only terms (context, one-byte dropout masks) are not measured here; on CUDA a trial's
 peak is what torch's allocator reserves, which this estimate (`tensors`) is compared with.
@@ -35,6 +52,8 @@ from qsweep.config.policy import Device, compute_dtype_name, optimizer_name
 from qsweep.config.schema import TrialConfig
 from qsweep.train import structure
 from qsweep.resources import variants
+from qsweep.train.lengths import BatchLength, DataLengths, eval_batch_length, training_batch_length
+from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
 
@@ -59,11 +78,23 @@ OPT8_MIN_SIZE = 4096
 CUDA_CONTEXT_MIB = 550.0
 
 # On the CPU, what grows during training besides tensors (autograd graph, Trainer and dataloader
-# objects, malloc bookkeeping, oneDNN scratch): peak-RSS growth minus torch-allocator growth was
-# 25-35 MiB for models of 8 to 30 layers (tests/test_estimate.py, SmolLM2-135M). Not included: the
+# objects, modules imported on the first step, oneDNN scratch): 22-24 MiB on a 2-layer model where
+# nothing else is left (bench/results/estimate_lengths_cpu.json), 25-35 MiB over the allocator's
+# peak for 8 to 30 layers with glibc's heap kept small (tests/test_estimate.py). Not included: the
 # interpreter and its libraries, ~550 MiB of RSS before any model is loaded and the same for every
 # trial; add them when sizing a CPU worker's memory.
-CPU_RUNTIME_MIB = 32.0
+CPU_RUNTIME_MIB = 24.0
+
+# On the CPU, glibc's heap: a sweep's workers mmap blocks of 4 MiB and more, which go back when freed
+# (orchestrate.driver sets MALLOC_MMAP_THRESHOLD_), and take smaller ones from the heap, where freed
+# blocks stay resident and the next step reuses them only in part. At SmolLM2-135M's peak glibc
+# held ~200 MiB of free heap (mallinfo2 at the loss, quickstart), appearing from the second step
+# on. Fitted on 33 real trials (three models of 2, 8 and 30 layers, short and mixed rows): a share
+# of the 4-bit weights' size at fp32 (what each step's dequantized copies add up to) plus a share of
+# the activations. The 33 estimates came out 0.87-1.21x their measured peaks, so with SAFETY_MARGIN
+# no trial exceeded its budget.
+CPU_HEAP_SLACK_PER_WEIGHT = 0.7 * 4  # bytes per 4-bit parameter
+CPU_HEAP_SLACK_OF_ACTIVATIONS = 0.2
 
 
 class MemoryEstimate(BaseModel):
@@ -80,17 +111,24 @@ class MemoryEstimate(BaseModel):
     activations: float
     runtime_overhead: float
     total: float
+    # CPU only: free heap glibc keeps resident at the peak (see CPU_HEAP_SLACK_*); part of `total`.
+    heap_slack: float = 0.0
     # Counts behind the figures, so a surprising number can be traced to its cause.
     quantized_param_count: int
     unquantized_param_count: int
     lora_param_count: int
-    tokens_per_step: int
+    tokens_per_step: int  # of the longest padded batch: batch_size x sequence.tokens
+    # The row length the activations are sized for, and why (train.lengths); the longest validation
+    # row when the trial evaluates, else None.
+    sequence: BatchLength
+    eval_seq_length: int | None = None
 
     @property
     def tensors(self) -> float:
         """The tensor part, what a trial's peak_memory_mb is compared with (CUDA: torch's reserved
-        peak, which the cap limits). Paged optimizer state lives in managed memory, outside it."""
-        return self.total - self.runtime_overhead
+        peak, which the cap limits; CPU: the allocator's growth, without the free heap glibc keeps).
+        Paged optimizer state lives in managed memory, outside it."""
+        return self.total - self.runtime_overhead - self.heap_slack
 
     def format(self, title: str = "") -> str:
         rows = [
@@ -101,10 +139,12 @@ class MemoryEstimate(BaseModel):
             ("optimizer state", self.optimizer_state),
             ("activations (peak)", self.activations),
             ("CUDA context" if self.device == "cuda" else "runtime overhead", self.runtime_overhead),
+            *([("free heap kept resident", self.heap_slack)] if self.device == "cpu" else []),
             ("total", self.total),
         ]
         head = f"{title} ({self.device})" if title else self.device
-        return "\n".join([head] + [f"  {name:<28}{mib:>10.1f} MiB" for name, mib in rows])
+        lines = [head] + [f"  {name:<28}{mib:>10.1f} MiB" for name, mib in rows]
+        return "\n".join(lines + [f"  {self.sequence.describe()}"])
 
 
 @dataclass(frozen=True)
@@ -348,10 +388,22 @@ def activation_bytes(
     return inputs + final_norm + copies + max(loss, one_layer + layer_work)
 
 
+def eval_activation_bytes(shape: ModelShape, batch: int, seq: int, compute_bytes: int) -> int:
+    """Peak bytes of one validation batch: without gradients nothing is saved, and the peak is the
+    loss's fp32 [tokens x vocab] buffers (logits, their fp32 copy, log-softmax) or one layer's work."""
+    tokens = batch * seq
+    dequant = max((q.in_features * q.out_features for q in shape.quantized), default=0) * compute_bytes
+    layer_work = tokens * (2 * shape.hidden + 3 * shape.intermediate) * 4 + dequant
+    return tokens * (shape.hidden * 4 + 4) + max(3 * tokens * shape.vocab * 4, layer_work)
+
+
 def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
+                          lengths: DataLengths | None = None,
                           context_mb: float = CUDA_CONTEXT_MIB) -> MemoryEstimate:
-    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json only;
-    on CUDA with `context_mb` for the process's context (measured on the card, once known)."""
+    """Peak memory of one trial of `trial` on `device` ("cuda" or "cpu"), from config.json and, when
+    given, the data's token lengths (train.lengths): activations are sized for the longest padded
+    batch the trial is expected to read; without `lengths`, for rows of max_seq_length. On
+    CUDA `context_mb` is the process's context (measured on the card, once known)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
     dev: Device = "cuda" if device == "cuda" else "cpu"
@@ -369,6 +421,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
     optimizer = optimizer_bytes(trains.tensors + trains.biases, optimizer_name(training.optimizer, dev))
 
     compute_bytes = _dtype_bytes(quant.compute_dtype, dev)
+    sequence = training_batch_length(lengths, training, trial.data.max_seq_length)
     activations = activation_bytes(
         shape,
         [(q.in_features, group[q.name]) for q in trains.wrapped],
@@ -376,18 +429,26 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
         lora_count,
         lora.dropout,
         training.batch_size,
-        trial.data.max_seq_length,
+        sequence.tokens,
         training.gradient_checkpointing,
         dev,
         compute_bytes,
     )
-    activations += variants.variant_activation_bytes(shape, trains, lora, training, trial.data.max_seq_length,
-                                                     dev, compute_bytes)
+    activations += variants.variant_activation_bytes(shape, trains, lora, training, sequence.tokens, dev,
+                                                     compute_bytes)
+    # Each evaluation reads every validation row; its batches can be longer than any training batch.
+    evaluates = trial.data.validation is not None and (training.max_steps is None
+                                                       or training.max_steps >= training.eval_every)
+    eval_seq = eval_batch_length(lengths, trial.data.max_seq_length) if evaluates else None
+    if eval_seq is not None:
+        activations = max(activations, eval_activation_bytes(shape, training.batch_size, eval_seq, compute_bytes))
     overhead = context_mb if dev == "cuda" else CPU_RUNTIME_MIB
+    slack = 0.0 if dev == "cuda" else (
+        CPU_HEAP_SLACK_PER_WEIGHT * quantized_count + CPU_HEAP_SLACK_OF_ACTIVATIONS * activations) / MIB
 
     grads = lora_bytes + 4 * sum(trains.biases)
     parts = [quantized, unquantized, lora_bytes, grads, optimizer, activations]
-    total = sum(parts) / MIB + overhead
+    total = sum(parts) / MIB + overhead + slack
     return MemoryEstimate(
         device=dev,
         quantized_weights=quantized / MIB,
@@ -398,8 +459,11 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
         activations=activations / MIB,
         runtime_overhead=overhead,
         total=total,
+        heap_slack=slack,
         quantized_param_count=quantized_count,
         unquantized_param_count=shape.unquantized_params,
         lora_param_count=lora_count,
-        tokens_per_step=training.batch_size * trial.data.max_seq_length,
+        tokens_per_step=training.batch_size * sequence.tokens,
+        sequence=sequence,
+        eval_seq_length=eval_seq,
     )

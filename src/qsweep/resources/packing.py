@@ -21,6 +21,7 @@ from qsweep.config.policy import cuda_card
 from qsweep.config.schema import SweepConfig, TrialConfig
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, MemoryEstimate, estimate_trial_memory
 from qsweep.search.space import SearchSpace, apply_params
+from qsweep.train.lengths import DataLengths, data_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ def resource_request(estimate: MemoryEstimate, machine: Machine, cpus: float) ->
 # Ray Tune hands a finished trial's worker process to the next trial only when both ask for exactly
 # the same resources (reuse_actors). On a CPU, where that saves each trial its start-up and imports,
 # a memory request is rounded up to the next rung of a ladder of quarter octaves: trials of about the
-# same size (LoRA ranks 4 to 32 of one model) then ask alike, for at most 19% more than their budget,
-# where the CPU estimate is already 1.7-2.8x the measured peaks. GPU shares stay exact: packing the
+# same size (LoRA ranks 4 to 32 of one model) then ask alike, for at most 19% more than their budget
+# (the quickstart's SmolLM2-135M trials ask for 1.19 or 1.41 GiB). GPU shares stay exact: packing the
 # card is the point there, and a GPU trial runs for minutes.
 CPU_LADDER = 2 ** (1 / 4)
 
@@ -190,12 +191,24 @@ def ray_share(share: float) -> float:
 
 
 def trial_estimate(trial: TrialConfig, model_path: Path, device: str,
+                   lengths: DataLengths | None = None, context_mb: float = CUDA_CONTEXT_MIB) -> MemoryEstimate:
+    return estimate_trial_memory(trial, model_path, device, lengths, context_mb)
+
+
+def trial_lengths(trial: TrialConfig, base_dir: Path, model_path: Path) -> DataLengths:
+    """The token lengths of the trial's data (profiled once per process for each data config)."""
+    return data_lengths(trial.data, base_dir, model_path, trial.model.trust_remote_code)
+
+
+def sized_estimate(trial: TrialConfig, base_dir: Path, model_path: Path, device: str,
                    context_mb: float = CUDA_CONTEXT_MIB) -> MemoryEstimate:
-    return estimate_trial_memory(trial, model_path, device, context_mb)
+    """The trial's estimate with activations sized from its data's real token lengths."""
+    return trial_estimate(trial, model_path, device, trial_lengths(trial, base_dir, model_path), context_mb)
 
 
 def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Callable[[dict], dict[str, float]]:
-    """The function Ray calls with each trial's config to size its request."""
+    """The function Ray calls with each trial's config to size its request. Each trial's own batch
+    size, steps and max_seq_length pick its length from the data's profile (see train.lengths)."""
     base = sweep.trial()
     cpus = sweep.resources.cpus_per_trial
     fixed = sweep.resources.gpus_per_trial
@@ -204,7 +217,8 @@ def resources_for(sweep: SweepConfig, model_path: Path, machine: Machine) -> Cal
         if machine.device == "cuda" and fixed != "auto":
             return {"cpu": cpus, "gpu": float(fixed)}
         trial = apply_params(base, config)
-        return resource_request(trial_estimate(trial, model_path, machine.device, machine.context_mb), machine, cpus)
+        return resource_request(sized_estimate(trial, sweep.base_dir, model_path, machine.device, machine.context_mb),
+                                machine, cpus)
 
     return request
 
@@ -231,8 +245,8 @@ def _greedy(sweep: SweepConfig, space: SearchSpace, path: Path, smallest: bool) 
     chosen: dict[str, Any] = {}
     for name, spec in space.params.items():
         key = space.key(name)
-        options = [(trial_estimate(apply_params(sweep.trial(), {**chosen, key: v}), path, "cpu").total, i, v)
-                   for i, v in enumerate(spec.edge_values())]
+        options = [(sized_estimate(apply_params(sweep.trial(), {**chosen, key: v}), sweep.base_dir, path,
+                                       "cpu").total, i, v) for i, v in enumerate(spec.edge_values())]
         chosen[key] = (min(options) if smallest else max(options))[2]
     return apply_params(sweep.trial(), chosen)
 
@@ -246,7 +260,7 @@ def check_fits(estimate: MemoryEstimate, machine: Machine, which: str = "the sma
         return
     on_gpu = estimate.device == "cuda"
     parts = f"estimate {estimate.tensors if on_gpu else estimate.total:,.0f} MiB x{SAFETY_MARGIN} margin" + (
-        f" + {estimate.runtime_overhead:,.0f} MiB CUDA context" if on_gpu else "")
+        f" + {estimate.runtime_overhead:,.0f} MiB CUDA context" if on_gpu else "") + f"; {estimate.sequence.describe()}"
     raise DoesNotFit(
         f"{which} needs {needed:,.0f} MiB ({parts}) but {'one GPU' if on_gpu else 'this machine'} has "
         f"{machine.memory_mb:,.0f} MiB; lower training.batch_size or data.max_seq_length, turn on "
@@ -254,11 +268,13 @@ def check_fits(estimate: MemoryEstimate, machine: Machine, which: str = "the sma
     )
 
 
-def refuse_oversized(trial: TrialConfig, model_path: Path, machine: Machine, factor: float) -> None:
+def refuse_oversized(trial: TrialConfig, base_dir: Path, model_path: Path, machine: Machine,
+                     factor: float) -> None:
     """Refuses, before anything is loaded, a trial that cannot fit one card: Ray got the whole card
     for it (resource_request), and loading it would only end in an out-of-memory error a minute
     later. `factor` is the driver's calibration, so this agrees with the request it sized."""
-    check_fits(trial_estimate(trial, model_path, machine.device, machine.context_mb), machine, "this trial", factor)
+    estimate = sized_estimate(trial, base_dir, model_path, machine.device, machine.context_mb)
+    check_fits(estimate, machine, "this trial", factor)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from qsweep.evaluate import claims
 from qsweep.evaluate.harness import CHAT_KEYS, score
 from qsweep.resources.caps import cap_process, give_back_memory
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, estimate_trial_memory
-from qsweep.train import chat, quantized
+from qsweep.train import chat, lengths, quantized
 from qsweep.train.data import data_hash, tokenized_sets
 from qsweep.train.lora import attach_lora  # noqa: F401 - still imported from here by tests and benches
 from qsweep.train.lora import attach_trial_lora, trainer_optimizers, trial_targets
@@ -297,10 +297,10 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     load_seconds = time.perf_counter() - load_started
     if same_base:
         baseline = score_untuned_base(untuned_base, base_dir, model, tokenizer)
-    estimate = estimate_trial_memory(trial, model_info.path, device_type())
     peak = PeakMemory(model)
     data = trial.data
     train_set, eval_set = tokenized_sets(data, base_dir, tokenizer)
+    estimate = estimate_trial_memory(trial, model_info.path, device_type(), lengths.of_sets(train_set, eval_set))
     curve: list[dict[str, float]] = []
     args = training_arguments(trial.training, out_dir, compute_dtype, eval_set is not None, len(train_set))
     trainer = Trainer(
@@ -352,6 +352,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         **memory,
         # What the estimate is compared with: on CUDA what torch reserves (the context is outside it).
         "memory_estimate_mb": estimate.tensors if estimate.device == "cuda" else estimate.total,
+        "memory_estimate_seq_length": float(estimate.sequence.tokens),
         "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "load_seconds": load_seconds,
         "baseline_seconds": baseline["seconds"] if baseline else 0.0,
