@@ -2,13 +2,19 @@
 
 The anchor is what a user writes without qsweep: transformers `Trainer.hyperparameter_search`
 (optuna backend) over a `model_init` that loads the 4-bit base (bitsandbytes, quantized like
-qsweep) and attaches LoRA (peft), trials one after another with every core, scored by validation
-loss only. qsweep is the real CLI (`qsweep run`): Ray Tune, Optuna, lm-eval on every trial and the
-untuned base, and MLflow. Both run in fresh processes with a fresh output folder and tracking
-store, on the same model, data, trial configs, steps and batch.
+qsweep) and attaches LoRA (peft), trials one after another with every core. Both sides score with
+the quickstart's own evaluation (sweeps/quickstart.yaml: zorble on its seeded 20 items for every
+trial and for the untuned base of each 4-bit type, then the top_k re-scored on all items plus the
+MMLU guard, and the guard on the untuned base), through the same lm-eval call
+(qsweep.evaluate.harness.evaluate_model, in the dtype config.policy.scoring_dtype picks), so only
+the orchestration differs. The anchor's final stage is written as a user would: each finalist and
+each base loaded (and quantized) afresh. qsweep is the real CLI (`qsweep run`): Ray Tune, Optuna,
+lm-eval and MLflow. Both run in fresh processes with a fresh output folder and tracking store, on
+the same model, data, trial configs, steps and batch.
 
-Prints JSON: both walls, their ratio (qsweep / anchor), and qsweep's time per phase, taken from
-the timestamps of its own log and the timings each trial logs to MLflow.
+Prints JSON: both walls, their ratio (qsweep / anchor), the anchor's training, scoring and final
+stage seconds, and qsweep's time per phase, taken from the timestamps of its own log and the
+timings each trial logs to MLflow.
 
     python bench/anchor.py                        # smollm2-135m, 4 trials x 20 steps, batch 8
     python bench/anchor.py --quick                # tiny random Llama, 2 x 4: a smoke test
@@ -33,6 +39,7 @@ from benchlib import machine
 
 REPO = Path(__file__).resolve().parent.parent
 ZORBLE = REPO / "evaluation" / "tasks" / "zorble"
+QUICKSTART = REPO / "sweeps" / "quickstart.yaml"
 PROMPT, COMPLETION, MAX_LENGTH = "Q: {question}\nA:", " {answer}", 64
 # One config per trial, the same for both sides; both 4-bit types, as in the quickstart.
 CONFIGS = [
@@ -48,11 +55,20 @@ def configs(n: int) -> list[dict]:
     return [CONFIGS[i % len(CONFIGS)] for i in range(n)]
 
 
+def quickstart_evaluation() -> dict:
+    """The quickstart's own evaluation (tasks, items, final stage with its MMLU guard), for both sides."""
+    return yaml.safe_load(QUICKSTART.read_text())["evaluation"]
+
+
 def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
-    """The hand-wired anchor, run in its own process (`--anchor`)."""
+    """The hand-wired anchor, run in its own process (`--anchor`): Trainer.hyperparameter_search, each
+    trial scored with lm-eval on the quickstart's items (the same `evaluate_model` call qsweep makes,
+    so both sides score the same tasks the same way), the untuned base scored once per 4-bit type
+    before its first trial, then the quickstart's final stage written by hand: the top_k re-scored on
+    the final items and guard, each on a freshly loaded base, and the untuned base on the guard."""
     import optuna
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -62,7 +78,9 @@ def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
         TrainingArguments,
     )
 
-    from qsweep.config.policy import fastest_compute_dtype
+    from qsweep.config.policy import fastest_compute_dtype, scoring_dtype
+    from qsweep.config.schema import EvaluationConfig
+    from qsweep.evaluate.harness import evaluate_model, include_dirs
     from qsweep.train.data import load_rows, tokenize_rows
     from qsweep.train.models import resolve_model
 
@@ -75,37 +93,83 @@ def anchor_main(model: str, trials: int, steps: int, batch: int) -> None:
     plan = configs(trials)
     # The fastest compute dtype the machine runs natively, as a user tuning by hand would pick it
     # (bf16 on a CPU with AMX-BF16 or on CUDA): the same rule as qsweep's `auto`, so both sides match.
-    dtype = getattr(torch, fastest_compute_dtype("cuda" if torch.cuda.is_available() else "cpu")[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, fastest_compute_dtype(device)[0])
+    evaluation = EvaluationConfig(**quickstart_evaluation())
+    final, dirs, metric = evaluation.final, include_dirs([], REPO), f"{evaluation.tasks[0]}/acc"
+    spent = {"training_s": 0.0, "scoring_s": 0.0, "final_stage_s": 0.0}
+
+    def scores(model, tasks: list[str], limit: int | None, per_subject: int | None) -> dict[str, float]:
+        started = time.perf_counter()
+        model.eval()
+        found = evaluate_model(model, tokenizer, tasks, dirs, limit=limit, per_subject=per_subject,
+                               subset_seed=evaluation.subset_seed, dtype=scoring_dtype("auto", device)).scores
+        spent["scoring_s"] += time.perf_counter() - started
+        return found
+
+    def base(quant_type: str):
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype)
+        return prepare_model_for_kbit_training(loaded, use_gradient_checkpointing=False)
 
     def pick(trial) -> dict:
         # transformers calls model_init before hp_space; optuna returns the same value to both.
         return plan[trial.suggest_categorical("config", list(range(len(plan))))] if trial is not None else plan[0]
 
+    untuned: dict[str, dict[str, float]] = {}
+    done: list[dict] = []
+
     def model_init(trial):
         config = pick(trial)
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config["quantization.quant_type"],
-                                   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-        base = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=dtype)
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        quant_type = config["quantization.quant_type"]
+        loaded = base(quant_type)
+        if trial is not None and quant_type not in untuned:
+            untuned[quant_type] = scores(loaded, evaluation.tasks, evaluation.limit, evaluation.per_subject)
         lora = LoraConfig(r=config["lora.r"], lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                           task_type="CAUSAL_LM")
-        return get_peft_model(base, lora)
+        if trial is not None:
+            done.append({"config": config})
+        return get_peft_model(loaded, lora)
 
     def hp_space(trial):
         return {"learning_rate": pick(trial)["training.learning_rate"]}
 
     with tempfile.TemporaryDirectory(prefix="anchor-") as out:
+        def objective(metrics: dict) -> float:
+            # The trained adapter scored like a qsweep trial, and kept for the final stage.
+            trained = trainer.model
+            done[-1]["scores"] = scores(trained, evaluation.tasks, evaluation.limit, evaluation.per_subject)
+            done[-1]["adapter"] = Path(out) / f"trial{len(done)}"
+            trained.save_pretrained(done[-1]["adapter"])
+            return done[-1]["scores"][metric]
+
         args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=batch,
                                  per_device_eval_batch_size=batch, eval_strategy="no", save_strategy="no",
                                  report_to="none", disable_tqdm=True, use_cpu=not torch.cuda.is_available(),
                                  logging_steps=10, seed=0)
         trainer = Trainer(model_init=model_init, args=args, train_dataset=train_set, eval_dataset=eval_set,
                           data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+        started = time.perf_counter()
         best = trainer.hyperparameter_search(
-            hp_space=hp_space, backend="optuna", n_trials=trials, direction="minimize",
+            hp_space=hp_space, backend="optuna", n_trials=trials, direction="maximize", compute_objective=objective,
             sampler=optuna.samplers.GridSampler({"config": list(range(len(plan)))}, seed=0),
         )
-    print(json.dumps({"best_eval_loss": best.objective, "compute_dtype": str(dtype)}))
+        search_s = time.perf_counter() - started
+        started = time.perf_counter()
+        top = sorted(done, key=lambda d: d["scores"][metric], reverse=True)[:final.top_k]
+        final_tasks = [*evaluation.tasks, *final.tasks]
+        for finalist in top:
+            model = PeftModel.from_pretrained(base(finalist["config"]["quantization.quant_type"]), finalist["adapter"])
+            finalist["final"] = scores(model, final_tasks, final.limit, final.per_subject)
+        guard = {q: scores(base(q), final.tasks, final.limit, final.per_subject)
+                 for q in sorted({f["config"]["quantization.quant_type"] for f in top})}
+        spent["final_stage_s"] = time.perf_counter() - started
+    spent["training_s"] = search_s - spent["scoring_s"]
+    print(json.dumps({"best_score": best.objective, "compute_dtype": str(dtype),
+                      "final": [{k: f["final"].get(k) for k in (metric, f"{final.tasks[0]}/acc")} for f in top],
+                      "untuned_guard": {q: g.get(f"{final.tasks[0]}/acc") for q, g in guard.items()},
+                      **{k: round(v, 2) for k, v in spent.items()}}))
 
 
 def sweep_file(folder: Path, model: str, trials: int, steps: int, batch: int) -> Path:
@@ -120,7 +184,7 @@ def sweep_file(folder: Path, model: str, trials: int, steps: int, batch: int) ->
         "training": {"max_steps": steps, "batch_size": batch, "eval_every": steps},
         "search": {"space": str(REPO / "search_spaces" / "qlora.yaml"), "num_trials": trials, "metric": "zorble/acc",
                    "asha": {"enabled": False}, "baselines": pinned},
-        "evaluation": {"tasks": ["zorble"], "limit": 20},
+        "evaluation": quickstart_evaluation(),
         "tracking": {"uri": f"sqlite:///{folder}/mlflow.db"},
         "resources": {"cpus_per_trial": 1},
         "output_dir": str(folder / "runs"),

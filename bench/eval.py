@@ -1,16 +1,21 @@
-"""Evaluation vs. training time per trial in the quickstart sweep: a hand-wired scorer vs. qsweep's.
+"""qsweep's in-trial scoring vs. lm-eval's own CLI, side by side on the same adapter and items.
 
-Prints JSON from one run, both ways scoring the same trained adapter on the same items:
-  before  what a hand-wired script does per trial, in a fresh process: build lm-eval's default
-          TaskManager (the full built-in index), reload the 4-bit base + adapter from disk, score
-          with batch_size=1;
-  after   qsweep.evaluate.harness.score inside the trial, on the model already in memory (task index
-          cached per process, auto batch size); a second call is timed too. The quickstart scores a
-          local task only, so qsweep builds the local-only index (~0.1 ms) and never the default one.
-The ratios (eval/train before and after, before/after eval) are what to compare, never the seconds.
+One quickstart trial is trained (qsweep.train.trial.run_trial), then scored on two sets of items:
+  trial   what every quickstart trial is scored on (zorble, its seeded 20 items);
+  final   what the final stage scores a finalist on (all 38 zorble items + the MMLU guard, 57 questions).
+Each set is scored two ways, one after the other on one thread each (as a trial runs):
+  qsweep  qsweep.evaluate.harness.score on the trained model already in memory, as run_trial scores it;
+  cli     `lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER,... --tasks ... --samples ...`
+          in a fresh process, on the very same model: transformers 5 refuses 4-bit settings in
+          model_args (DESIGN.md), so BASE is the trial's own stored 4-bit base (train.quantized: a
+          pre-quantized checkpoint that carries its quantization config), loaded with the same fp32
+          unquantized layers, the same mixed precision (the compute dtype), batch size and items.
+Prints JSON: questions per second each way (the CLI's whole command, which is what scoring an
+adapter costs with it, and its scoring from its first request to its exit, writing its results
+included), their ratio, and whether both gave the same accuracy and per-item log-likelihoods.
 
-    python bench/eval.py                 # the quickstart's trial as written (40 steps); ~2 min on 2 CPU cores
-    python bench/eval.py --steps 20      # cut short
+    python bench/eval.py                 # the quickstart's trial as written; a few minutes on 2 CPU cores
+    python bench/eval.py --steps 10      # cut short
 """
 
 from __future__ import annotations
@@ -19,174 +24,155 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from benchlib import emit, machine
+
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = REPO / "sweeps" / "quickstart.yaml"
+# lm-eval's own log lines: "2026-12-06:03:13:50 INFO [...] message" (its default format).
+CLI_LOG = re.compile(r"^(\d{4}-\d\d-\d\d:\d\d:\d\d:\d\d)(?:,\d+)? .*Running loglikelihood requests")
 
 
-def loglikelihoods(samples: dict[str, list[dict]]) -> dict[str, dict[int, list[float]]]:
-    """Per task, per doc id, each choice's log-likelihood: compared item by item, not just as acc."""
-    return {task: {int(s["doc_id"]): s["loglikelihoods"] for s in items} for task, items in samples.items()}
+def item_sets(evaluation: Any) -> dict[str, dict[str, Any]]:
+    final = evaluation.final
+    return {"trial": {"tasks": evaluation.tasks, "stage": None},
+            "final": {"tasks": [*evaluation.tasks, *final.tasks], "stage": final}}
 
 
-def before(adapter: Path, items: dict[str, list[int]]) -> dict[str, Any]:
-    """The naive per-trial scorer, run in a fresh process so nothing is cached. Prints its parts."""
-    started = time.perf_counter()
-    import torch
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-    from peft import PeftModel
-
-    from qsweep.config.schema import load_sweep
-    from qsweep.evaluate.harness import _sample_record, include_dirs, task_specs
-    from qsweep.train.models import resolve_model
-    from qsweep.train.trial import load_base
-
-    torch.set_num_threads(1)
-    imports = time.perf_counter() - started
-
-    sweep = load_sweep(SWEEP)
-    evaluation = sweep.evaluation
-    # The local task's config with its data path resolved: the same task qsweep scores, so only
-    # the three changes under test differ (index, reload, batch size).
-    specs = task_specs(evaluation.tasks, include_dirs(evaluation.include_path, sweep.base_dir))
-
-    tick = time.perf_counter()
-    manager = TaskManager()  # the default: indexes every built-in task
-    index = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    base, tokenizer = load_base(resolve_model(sweep.model.name, sweep.model.revision, sweep.base_dir).path,
-                                sweep.quantization, sweep.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter))
-    model.eval()
-    reload = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    raw = simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1),
-        tasks=specs, num_fewshot=evaluation.num_fewshot, samples=items, task_manager=manager,
-        log_samples=True, bootstrap_iters=1000,  # as qsweep, so bootstrap cost is not part of the diff
-    )
-    scoring = time.perf_counter() - tick
-    task = evaluation.tasks[0]
-    return {
-        "imports_seconds": imports, "index_seconds": index, "reload_seconds": reload,
-        "scoring_seconds": scoring, "batch_size": 1,
-        # Imports are left out: the training process paid them too.
-        "eval_seconds": index + reload + scoring,
-        "acc": raw["results"][task]["acc,none"],
-        "loglikelihoods": loglikelihoods({t: [_sample_record(s) for s in v] for t, v in raw["samples"].items()}),
-    }
-
-
-def after_and_train(steps: int | None, out_dir: Path) -> tuple[dict[str, Any], Any, float, int]:
-    """Runs the quickstart's base trial through qsweep.trial.run_trial; its score() calls are timed
-    by a wrapper that also keeps the in-memory model, so a second call can be timed after it."""
+def train(steps: int | None, out_dir: Path) -> tuple[Any, Any, Any, Any, float]:
+    """The quickstart's base trial, run as a sweep runs it; its scoring call keeps the model in memory."""
     import torch
 
     import qsweep.train.trial
     from qsweep.config.schema import load_sweep
-    from qsweep.evaluate.harness import auto_batch_size, score, task_manager
+    from qsweep.evaluate.harness import score
 
     torch.set_num_threads(1)
     sweep = load_sweep(SWEEP)
     trial = sweep.trial()
     if steps is not None:
-        trial.training.max_steps = steps
-        trial.training.eval_every = min(trial.training.eval_every, steps)
+        trial.training.max_steps, trial.training.eval_every = steps, min(trial.training.eval_every, steps)
+    kept: dict[str, Any] = {}
 
-    calls: list[dict[str, Any]] = []
+    def keep(model: Any, tokenizer: Any, *args: Any, **kwargs: Any) -> Any:
+        kept.update(model=model, tokenizer=tokenizer)
+        return score(model, tokenizer, *args, **kwargs)
 
-    def timed_score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: Any = None) -> Any:
-        tick = time.perf_counter()
-        result = score(model, tokenizer, evaluation, base_dir, stage)
-        calls.append({"seconds": time.perf_counter() - tick, "result": result, "model": model, "tokenizer": tokenizer})
-        return result
-
-    # The index qsweep builds for a sweep of local tasks only (cached by lru_cache for the process);
-    # lm_eval.tasks is imported first so that its import is not counted as indexing.
-    import lm_eval.tasks  # noqa: F401
-
-    task_manager.cache_clear()
-    tick = time.perf_counter()
-    task_manager(False)
-    index = time.perf_counter() - tick
-
-    qsweep.train.trial.score = timed_score  # instrument the exact run_trial path, no copy of it
+    qsweep.train.trial.score = keep  # the exact run_trial path, no copy of it
     outcome = qsweep.train.trial.run_trial(trial, sweep.base_dir, out_dir, report=lambda _: None)
-    first = calls[0]
-    timed_score(first["model"], first["tokenizer"], trial.evaluation, sweep.base_dir)
-    second = calls[1]
-    assert second["result"].scores == first["result"].scores, "the same model scored twice differently"
-    after = {
-        "index_seconds": index,
-        "first_call_seconds": first["seconds"],
-        "second_call_seconds": second["seconds"],
-        "batch_size": auto_batch_size(first["model"]),
-        "eval_seconds": index + first["seconds"],
-        "acc": first["result"].scores[f"{trial.evaluation.tasks[0]}/acc"],
-        "loglikelihoods": loglikelihoods(first["result"].samples),
+    return sweep, trial, kept["model"], kept["tokenizer"], outcome.metrics["train_seconds"]
+
+
+def qsweep_side(sweep: Any, trial: Any, model: Any, tokenizer: Any, items: dict[str, Any]) -> dict[str, Any]:
+    from qsweep.evaluate.harness import auto_batch_size, score
+
+    started = time.perf_counter()
+    result = score(model, tokenizer, trial.evaluation, sweep.base_dir, trial.quantization, stage=items["stage"])
+    seconds = time.perf_counter() - started
+    questions = sum(len(v) for v in result.samples.values())
+    return {"seconds": round(seconds, 2), "questions": questions, "questions_per_s": round(questions / seconds, 3),
+            "batch_size": auto_batch_size(model), "dtype": result.dtype, "ids": result.items,
+            "acc": {k: v for k, v in result.scores.items() if k.endswith("/acc") and k.count("_") < 2},
+            "loglikelihoods": {(t, s["doc_id"]): s["loglikelihoods"] for t, v in result.samples.items() for s in v}}
+
+
+def stored_base(trial: Any) -> Path:
+    from qsweep.train import quantized
+    from qsweep.train.models import resolve_model
+    from qsweep.train.trial import bnb_config
+
+    info = resolve_model(trial.model.name, trial.model.revision)
+    folder = quantized.stored_folder(quantized.quantized_key(info.content_hash, bnb_config(trial.quantization)))
+    if not (folder / "config.json").exists():
+        sys.exit(f"no stored 4-bit base in {folder}: the CLI side needs the trial's own (run on a CPU)")
+    return folder
+
+
+def cli_side(trial: Any, adapter: Path, items: dict[str, Any], ids: dict[str, list[int]], batch_size: int,
+             dtype: str, out: Path) -> dict[str, Any]:
+    """lm-eval's CLI in a fresh process on one thread. It takes one --include_path, so the task folders
+    qsweep reads (zorble, the generated offline MMLU) are copied under one; zorble's YAML names its
+    data relative to itself, which the CLI resolves against the working directory: it runs from there."""
+    import shutil
+
+    from qsweep.evaluate.harness import include_dirs
+
+    include = out / "tasks"
+    for folder in include_dirs([], REPO):
+        shutil.copytree(folder, include / folder.name, dirs_exist_ok=True)
+    # The stored base holds no tokenizer; the trial saved its own beside the adapter.
+    args = [f"pretrained={stored_base(trial)}", f"peft={adapter}", f"tokenizer={adapter}", "dtype=float32"]
+    if dtype != "float32":
+        args.append(f"mixed_precision_dtype={dtype}")
+    command = [str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args", ",".join(args),
+               "--tasks", ",".join(items["tasks"]), "--include_path", str(include), "--samples", json.dumps(ids),
+               "--batch_size", str(batch_size), "--device", "cpu", "--num_fewshot", "0",
+               "--output_path", str(out / "results"), "--log_samples"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started, started_epoch = time.perf_counter(), time.time()
+    done = subprocess.run(command, cwd=REPO / "evaluation" / "tasks" / "zorble", env=env, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"lm_eval failed:\n{done.stderr[-4000:]}")
+    requests = [datetime.strptime(m[1], "%Y-%m-%d:%H:%M:%S").timestamp() for line in done.stderr.splitlines()
+                if (m := CLI_LOG.match(line))]
+    scoring = started_epoch + wall - requests[0] if requests else None
+    results = json.loads(next((out / "results").rglob("results_*.json")).read_text())["results"]
+    lls = {}
+    for path in (out / "results").rglob("samples_*.jsonl"):
+        task = path.name.removeprefix("samples_").rsplit("_", 1)[0]
+        for line in path.read_text().splitlines():
+            sample = json.loads(line)
+            lls[(task, sample["doc_id"])] = [float(r[0]) for r in sample["filtered_resps"]]
+    questions = len(lls)
+    return {"wall_s": round(wall, 2), "scoring_s": round(scoring, 2) if scoring else None, "questions": questions,
+            "questions_per_s_whole_command": round(questions / wall, 3),
+            "questions_per_s_scoring": round(questions / scoring, 3) if scoring else None,
+            "acc": {f"{t}/acc": v["acc,none"] for t, v in results.items() if "acc,none" in v and t.count("_") < 2},
+            "loglikelihoods": lls}
+
+
+def compare(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
+    lls_ours, lls_theirs = ours.pop("loglikelihoods"), theirs.pop("loglikelihoods")
+    ours.pop("ids")
+    diffs = [abs(a - b) for key, row in lls_ours.items() for a, b in zip(row, lls_theirs.get(key, []))]
+    return {
+        "qsweep": ours, "lm_eval_cli": theirs,
+        "same_items": set(lls_ours) == set(lls_theirs),
+        "same_acc": all(abs(v - theirs["acc"].get(k, -1)) < 1e-9 for k, v in ours["acc"].items()),
+        "max_loglikelihood_diff": max(diffs) if diffs else None,
+        "ratio_qsweep_over_cli_whole_command": round(ours["questions_per_s"] / theirs["questions_per_s_whole_command"], 2),
+        "ratio_qsweep_over_cli_scoring": (round(ours["questions_per_s"] / theirs["questions_per_s_scoring"], 2)
+                                          if theirs["questions_per_s_scoring"] else None),
     }
-    return after, first["result"].items, outcome.metrics["train_seconds"], trial.training.max_steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the sweep's, 40)")
-    parser.add_argument("--before", nargs=2, metavar=("ADAPTER", "ITEMS_JSON"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the sweep's)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args()
-    if args.before:  # the child process of the "before" side
-        print(json.dumps(before(Path(args.before[0]), json.loads(args.before[1]))))
-        return
-
-    import torch
-
     with tempfile.TemporaryDirectory(prefix="qsweep-bench-eval-") as tmp:
         # The Trainer prints its logs to stdout; they go to stderr so that stdout is the JSON alone.
         with contextlib.redirect_stdout(sys.stderr):
-            after, items, train_seconds, steps = after_and_train(args.steps, Path(tmp))
-        # One heavy process at a time: the child runs while this one only waits.
-        child = subprocess.run([sys.executable, __file__, "--before", str(Path(tmp) / "adapter"), json.dumps(items)],
-                               capture_output=True, text=True, cwd=REPO, env=os.environ)
-        if child.returncode != 0:
-            sys.exit(f"the 'before' process failed:\n{child.stderr[-4000:]}")
-        naive = json.loads(child.stdout.strip().splitlines()[-1])
-
-    # Same model, same items: the per-item log-likelihoods say whether a score difference is real.
-    lls_before, lls_after = naive.pop("loglikelihoods"), after.pop("loglikelihoods")
-    diffs = [abs(a - b) for task, docs in lls_after.items() for doc, row in docs.items()
-             for a, b in zip(row, lls_before[task][str(doc)])]
-    acc_before, acc_after = naive.pop("acc"), after.pop("acc")
-    print(json.dumps({
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores, 1 thread)",
-        "model": load_model_name(),
-        "steps": steps,
-        "items": sum(len(v) for v in items.values()) if items else None,
-        "train_seconds": train_seconds,
-        "before": naive,
-        "after": after,
-        "eval_over_train_before": naive["eval_seconds"] / train_seconds,
-        "eval_over_train_after": after["eval_seconds"] / train_seconds,
-        "speedup_eval": naive["eval_seconds"] / after["eval_seconds"],
-        "acc_before": acc_before,
-        "acc_after": acc_after,
-        "acc_match": abs(acc_before - acc_after) <= 1e-9,
-        "max_loglikelihood_diff": max(diffs),
-    }, indent=2))
-
-
-def load_model_name() -> str:
-    from qsweep.config.schema import load_sweep
-
-    return load_sweep(SWEEP).model.name
+            sweep, trial, model, tokenizer, train_seconds = train(args.steps, Path(tmp) / "trial")
+            compared = {}
+            for name, items in item_sets(trial.evaluation).items():
+                ours = qsweep_side(sweep, trial, model, tokenizer, items)
+                theirs = cli_side(trial, Path(tmp) / "trial" / "adapter", items, ours["ids"], ours["batch_size"],
+                                  ours["dtype"], Path(tmp) / f"cli-{name}")
+                compared[name] = compare(ours, theirs)
+    emit({"machine": machine(), "threads": 1, "model": trial.model.name, "steps": trial.training.max_steps,
+          "train_seconds": round(train_seconds, 2), **compared}, args.out)
 
 
 if __name__ == "__main__":

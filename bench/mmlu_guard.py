@@ -30,11 +30,13 @@ def main() -> None:
     trial = sweep.trial()
     model, tokenizer = load_base(resolve_model(trial.model.name).path, trial.quantization, False)
     timings = {}
-    for label, tasks in (("zorble", ["zorble"]), ("zorble+mmlu", trial.evaluation.tasks)):
-        evaluation = trial.evaluation.model_copy(update={"tasks": tasks})
-        score(model, tokenizer, evaluation, sweep.base_dir)  # warm: dataset and index loads once per process
+    # The guard is scored in the final stage (evaluation.final), on its items.
+    guard = trial.evaluation.final
+    for label, tasks in (("zorble", ["zorble"]), ("zorble+mmlu", [*trial.evaluation.tasks, *guard.tasks])):
+        evaluation = trial.evaluation.model_copy(update={"tasks": tasks, "per_subject": guard.per_subject})
+        score(model, tokenizer, evaluation, sweep.base_dir, trial.quantization)  # warm: dataset and index loads once per process
         tick = time.perf_counter()
-        result = score(model, tokenizer, evaluation, sweep.base_dir)
+        result = score(model, tokenizer, evaluation, sweep.base_dir, trial.quantization)
         timings[label] = {"seconds": round(time.perf_counter() - tick, 1),
                           "items": sum(len(v) for v in result.samples.values()),
                           "scores": {k: v for k, v in result.scores.items() if k.split("/")[0] in tasks}}

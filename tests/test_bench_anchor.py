@@ -1,4 +1,5 @@
-"""bench/anchor.py --quick: both sides run, and qsweep's profile adds up to what its trials logged."""
+"""bench/anchor.py --quick: both sides run and score the quickstart's evaluation, and qsweep's profile adds up
+to what its trials logged."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ def test_quick_bench_prints_both_walls_their_ratio_and_a_profile(tmp_path):
     anchor, cold, warm = out["anchor"], out["qsweep_cold_cache"], out["qsweep_warm_cache"]
     # The walls are printed to 0.01 s and the ratio to 0.001: compare them at that precision.
     assert out["ratio_qsweep_cold_cache_over_anchor"] == pytest.approx(cold["wall_s"] / anchor["wall_s"], rel=2e-3)
+    # Both sides score the quickstart's evaluation: every trial, then the top_k with the MMLU guard.
+    assert anchor["scoring_s"] > 0 and anchor["final_stage_s"] > 0 and len(anchor["final"]) == 2
+    assert all(f["mmlu_offline/acc"] is not None for f in anchor["final"]) and len(anchor["untuned_guard"]) >= 1
     profile = cold["profile"]
+    assert profile["sweep_phases_s"]["final_stage"] > 0
     assert profile["ray_start_s"] > 0
     assert len(profile["trials"]) == 2 and all(t["outcome"] == "finished" for t in profile["trials"])
     for trial in profile["trials"]:

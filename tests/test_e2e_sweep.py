@@ -63,13 +63,15 @@ def test_every_child_run_carries_the_full_config(finished_sweep):
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"]
         for key in ("model.name", "provenance.model_hash", "provenance.data_hash", "quantization.double_quant",
-                    "provenance.compute_dtype", "lora.r", "lora.alpha", "lora.dropout",
+                    "provenance.compute_dtype", "provenance.scoring_dtype", "lora.r", "lora.alpha", "lora.dropout",
                     "provenance.target_modules_resolved", "training.learning_rate", "training.lr_scheduler",
                     "training.max_steps", "training.batch_size", "training.seed", "provenance.versions.torch",
                     "provenance.versions.transformers", "provenance.versions.peft",
                     "provenance.versions.bitsandbytes", "provenance.versions.lm_eval"):
             assert params.get(key) not in (None, ""), key
         assert len(params["provenance.model_hash"]) == 64
+        # Scored in the dtype it computes in (config.policy.scoring_dtype), whatever the machine.
+        assert params["provenance.scoring_dtype"] == params["provenance.compute_dtype"]
         for key in ("zorble/acc", "zorble/acc_stderr", "peak_memory_mb", "tokens_per_second", "train_seconds",
                     "wall_seconds", "eval_loss"):
             assert key in metrics, key
@@ -112,7 +114,7 @@ def test_reloaded_adapter_reproduces_the_logged_score(finished_sweep):
     for run in _trial_runs(finished_sweep["uri"]):
         logged = fetch_logged_trial(finished_sweep["uri"], run.info.run_id)
         model, tokenizer = load_trained(logged.trial, logged.adapter_dir, Path("."))
-        scores = score(model, tokenizer, logged.trial.evaluation, Path(".")).scores
+        scores = score(model, tokenizer, logged.trial.evaluation, Path("."), logged.trial.quantization).scores
         assert scores["zorble/acc"] == pytest.approx(run.data.metrics["zorble/acc"], abs=1e-9)
 
 
@@ -261,14 +263,16 @@ def test_search_insight_is_on_the_parent_run(finished_sweep):
 
 
 def test_an_adapter_refuses_a_different_base_or_quantization(finished_sweep):
-    from qsweep.report.replay import ProvenanceError, fetch_logged_trial, load_adapter
+    from qsweep.config.schema import ModelConfig
+    from qsweep.report.replay import ProvenanceError, fetch_logged_trial, load_trained
 
     logged = fetch_logged_trial(finished_sweep["uri"], _best_run_id(finished_sweep))
     quant = logged.trial.quantization
     other = quant.model_copy(update={"quant_type": "fp4" if quant.quant_type == "nf4" else "nf4"})
     with pytest.raises(ProvenanceError, match="quantization.quant_type"):
-        load_adapter(logged.adapter_dir, logged.trial.model.name, other)
+        load_trained(logged.trial.model_copy(update={"quantization": other}), logged.adapter_dir, Path("."))
     with pytest.raises(ProvenanceError, match="hash"):
-        load_adapter(logged.adapter_dir, "tiny-gpt2", quant)
-    model, _ = load_adapter(logged.adapter_dir, logged.trial.model.name, quant)
+        load_trained(logged.trial.model_copy(update={"model": ModelConfig(name="tiny-gpt2")}), logged.adapter_dir,
+                     Path("."))
+    model, _ = load_trained(logged.trial, logged.adapter_dir, Path("."))
     assert model.peft_config["default"].r == logged.trial.lora.r

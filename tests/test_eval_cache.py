@@ -50,7 +50,8 @@ def _key(folder: Path, **change) -> str:
     quant = QuantizationConfig(**change.get("quant", {}))
     evaluation = EvaluationConfig(**{"tasks": ["single", "quiz"], "limit": 8, **change.get("evaluation", {})})
     return cache.cache_key(cache.baseline_ingredients(change.get("model_hash", "m" * 64), quant,
-                                                      change.get("dtype", "bfloat16"), evaluation, [folder]))
+                                                      change.get("dtype", "bfloat16"), evaluation, [folder],
+                                                      change.get("scoring_dtype", "bfloat16")))
 
 
 def test_the_key_is_stable_and_changes_with_every_ingredient(tasks: Path):
@@ -61,6 +62,7 @@ def test_the_key_is_stable_and_changes_with_every_ingredient(tasks: Path):
         "quant type": _key(tasks, quant={"quant_type": "fp4"}),
         "double quant": _key(tasks, quant={"double_quant": False}),
         "compute dtype": _key(tasks, dtype="float32"),
+        "scoring dtype": _key(tasks, scoring_dtype="float32"),
         "limit": _key(tasks, evaluation={"limit": 9}),
         "no limit": _key(tasks, evaluation={"limit": None}),
         "subset seed": _key(tasks, evaluation={"subset_seed": 1}),
@@ -107,7 +109,7 @@ def test_a_builtin_task_is_keyed_by_name_and_lm_eval_version(tasks: Path):
 
     assert cache.task_content_hash("arc_easy", [tasks]) != cache.task_content_hash("arc_challenge", [tasks])
     ingredients = cache.baseline_ingredients("m", QuantizationConfig(), "float32",
-                                             EvaluationConfig(tasks=["arc_easy"]), [tasks])
+                                             EvaluationConfig(tasks=["arc_easy"]), [tasks], "float32")
     assert ingredients["lm_eval"] == version("lm_eval")
 
 

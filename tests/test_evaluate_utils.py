@@ -173,9 +173,9 @@ def test_the_environment_report_is_built_once_a_process(tiny_llama):
 
     model, tokenizer = load_base(tiny_llama, QuantizationConfig())
     evaluation = EvaluationConfig(tasks=["zorble"], limit=4)
-    first = score(model, tokenizer, evaluation, REPO)
+    first = score(model, tokenizer, evaluation, REPO, QuantizationConfig())
     built = collect_env.get_pretty_env_info.cache_info()
-    second = score(model, tokenizer, evaluation, REPO)
+    second = score(model, tokenizer, evaluation, REPO, QuantizationConfig())
     assert "PyTorch version" in second.raw["pretty_env_info"]
     assert second.raw["pretty_env_info"] == first.raw["pretty_env_info"]
     assert collect_env.get_pretty_env_info.cache_info().misses == built.misses

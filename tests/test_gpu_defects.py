@@ -255,11 +255,13 @@ def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path, 
     trial_dir = tmp_path / "trial"
     run_trial(trial, sweep.base_dir, trial_dir, report=lambda _: None)
     shutil.rmtree(unquantized_cache / "quantized", ignore_errors=True)
-    assert score_final(str(trial_dir), {"limit": 2}, threads=1)["items"]  # uncapped, the same task succeeds
+    log = str(tmp_path / "final_stage.log")
+    # Uncapped, the same task succeeds.
+    assert score_final([str(trial_dir)], {"limit": 2}, None, 1, log)["scores"][str(trial_dir)]["items"]
 
     logged = yaml.safe_load((trial_dir / "config.yaml").read_text())
     logged["limits"]["memory_mb"] = TOO_SMALL_MB
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(logged))
     shutil.rmtree(unquantized_cache / "quantized", ignore_errors=True)
     with pytest.raises((MemoryError, RuntimeError, OSError), match=CAP_HIT):
-        score_final(str(trial_dir), {"limit": 2}, threads=1)
+        score_final([str(trial_dir)], {"limit": 2}, None, 1, log)

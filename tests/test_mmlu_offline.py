@@ -207,3 +207,34 @@ def test_leaderboard_table_shows_mmlu_columns_when_a_sweep_scores_it():
     assert [shown[c] for c in ("stem", "hum", "soc", "other")] == ["0.21", "0.31", "0.25", "0.27"]
     plain = {k: v for k, v in row.items() if not k.startswith("mmlu")}
     assert "Δ mmlu" not in to_markdown(Leaderboard("quickstart", "zorble/acc", "maximize", 0.05, [plain]))
+
+
+def test_a_guard_scored_in_the_final_stage_says_not_scored_for_the_other_trials():
+    """evaluation.final.tasks: the finalists carry the guard (final/...), the others never show a
+    blank or a zero where it was not scored."""
+    from qsweep.report.leaderboard import Leaderboard, to_csv, to_json, to_markdown
+
+    common = {"trial": "t", "stderr": 0.1, "delta": 0.45, "quant": "nf4", "dq": "True", "r": "16", "alpha": "32",
+              "dropout": "0.05", "targets": "all-linear", "lr": "0.001", "peak_mb": 900.0, "train_s": 40.0,
+              "tok/s": 100.0, "pareto": False}
+    finalist = {**common, "run_id": "r1", "zorble/acc": 0.6, "final": 0.66, "mmlu": 0.263, "mmlu_delta": 0.0175,
+                "mmlu_stem": 0.21, "mmlu_hum": 0.31, "mmlu_soc": 0.25, "mmlu_other": 0.27}
+    other = {**common, "run_id": "r2", "zorble/acc": 0.3, "final": None, "mmlu": None, "mmlu_delta": None,
+             "mmlu_stem": None, "mmlu_hum": None, "mmlu_soc": None, "mmlu_other": None}
+    board = Leaderboard("quickstart", "zorble/acc", "maximize", 0.05, [finalist, other], mmlu.GROUP, "final/",
+                        {"nf4": 0.246, "fp4": 0.228})
+    lines = to_markdown(board).splitlines()
+    assert "(mmlu_offline (final): fp4 0.228, nf4 0.246)" in lines[0]
+    header = [c.strip() for c in lines[2].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[4:]]
+    assert rows[0]["mmlu_offline (final)"] == "0.263" and rows[0]["Δ mmlu"] == "0.0175"
+    assert [rows[1][c] for c in ("mmlu_offline (final)", "Δ mmlu", "stem", "hum", "soc", "other")] == ["not scored"] * 6
+    import csv
+    import io
+    import json
+
+    by_run = {row["run_id"]: row for row in csv.DictReader(io.StringIO(to_csv(board)))}
+    assert by_run["r2"]["mmlu"] == by_run["r2"]["mmlu_delta"] == "not scored" and by_run["r1"]["mmlu"] == "0.263"
+    shown = json.loads(to_json(board))
+    assert shown["mmlu_stage"] == "final" and shown["mmlu_baseline"] == {"nf4": 0.246, "fp4": 0.228}
+    assert shown["rows"][1]["mmlu"] is None

@@ -152,6 +152,11 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool, verb
     base = summary.baseline.get(sweep.search.metric)
     if base is not None:
         console.print(f"untuned base model: {sweep.search.metric} = {base:.4f}")
+    final_bases = (summary.final or {}).get("baselines", {})
+    for name in (f"{task}/acc" for task in (sweep.evaluation.final.tasks if sweep.evaluation.final else [])):
+        if shown := ", ".join(f"{scores[name]:.4f} ({quant})" for quant, scores in sorted(final_bases.items())
+                              if name in scores):
+            console.print(f"untuned base model, final stage: {name} = {shown}")
     if summary.best:
         console.print(f"best trial {summary.best['trial_id']}: {sweep.search.metric} = {summary.best['objective']:.4f}")
     if summary.final:
@@ -260,7 +265,7 @@ def reproduce(
         model, tokenizer = load_trained(logged.trial, logged.adapter_dir, base_dir)
     except ProvenanceError as exc:
         fail([str(exc)])
-    scores = score(model, tokenizer, logged.trial.evaluation, base_dir).scores
+    scores = score(model, tokenizer, logged.trial.evaluation, base_dir, logged.trial.quantization).scores
     table = Table(title=f"run {run_id}: logged vs reproduced")
     for column in ("metric", "logged", "reproduced"):
         table.add_column(column)

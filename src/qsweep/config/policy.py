@@ -1,10 +1,12 @@
-"""What `auto` means: the compute dtype and the optimizer a trial uses on a device.
+"""What `auto` means: the compute dtype and the optimizer a trial uses on a device, and the dtype
+every model is scored in.
 
 Decided here once, for the trial that trains and for the estimate that sizes it, so the estimate
-always counts the optimizer state and the activation dtype the trial really has. Both functions take
-the device as an argument: the driver sizes trials for a device it may not have itself (a CPU-only
-head with GPU workers). The card itself (cuda_card) is read without starting CUDA in the process
-that asks, so the driver never holds GPU memory of its own.
+always counts the optimizer state and the activation dtype the trial really has, and for every
+scoring (trials, the untuned base, the final stage, `qsweep reproduce`), so that a trial and its
+baseline are scored alike. The functions take the device as an argument: the driver sizes trials for
+a device it may not have itself (a CPU-only head with GPU workers). The card itself (cuda_card) is
+read without starting CUDA in the process that asks, so the driver never holds GPU memory of its own.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ def fastest_compute_dtype(device: Device) -> tuple[str, str]:
     """What `compute_dtype: auto` means on `device`: the fastest dtype it runs natively (a torch
     dtype name), and why.
 
-    On a CPU, bf16 is only fast with AMX-BF16 tiles (measured: one QLoRA step of SmolLM2-135M NF4
-    takes 0.87 s in bf16 vs 1.38 s in fp32 on one core of a Xeon with AMX). AVX512-BF16 alone has
-    only dot-product instructions and elsewhere bf16 is emulated, slower than fp32.
+    On a CPU, bf16 is fast with AMX-BF16 tiles (measured: one QLoRA step of SmolLM2-135M NF4 takes
+    0.87 s in bf16 vs 1.38 s in fp32 on one core of a Xeon with AMX) and with AVX512-BF16's dot
+    products (measured on a 2-core AMD EPYC without AMX, one thread, alternating runs: 10 quickstart
+    steps 28-29 s in bf16 vs 34-37 s in fp32, zorble's 20 items scored in 8.0 s vs 9.5-10.6 s, the
+    57-question MMLU guard in 25.9 vs 40.0 CPU seconds). Elsewhere bf16 is emulated, slower than fp32.
     """
     if device == "cuda":
         # Asked only where a card is present; a driver without one sizes for bf16 (same bytes as fp16).
@@ -39,10 +43,12 @@ def fastest_compute_dtype(device: Device) -> tuple[str, str]:
             choice = "float16", f"{card.name} has no bf16"
         else:
             choice = "bfloat16", "CUDA with bf16"
-    elif "amx_bf16" in _cpu_flags():
+    elif "amx_bf16" in (flags := _cpu_flags()):
         choice = "bfloat16", "the CPU has AMX-BF16"
+    elif "avx512_bf16" in flags:
+        choice = "bfloat16", "the CPU has AVX512-BF16"
     else:
-        choice = "float32", "the CPU has no AMX-BF16, so bf16 would be emulated"
+        choice = "float32", "the CPU has neither AMX-BF16 nor AVX512-BF16, so bf16 would be emulated"
     logger.debug("compute_dtype auto on %s -> %s (%s)", device, *choice)
     return choice
 
@@ -85,6 +91,19 @@ def _cpu_flags() -> set[str]:
 
 def compute_dtype_name(name: str, device: Device) -> str:
     return fastest_compute_dtype(device)[0] if name == "auto" else name
+
+
+def scoring_dtype(compute_dtype: str, device: Device) -> str:
+    """The dtype lm-eval scores a model under (torch.autocast; float32 = no autocast): the compute
+    dtype, for the untuned base and every adapter alike.
+
+    Scoring is forward passes only, so it gains from bf16 what training does (AMX tiles on a CPU,
+    tensor cores on CUDA) and the unquantized layers (the vocabulary head, attention) no longer run as
+    fp32 matmuls. Both sides of every comparison are scored the same way, and the dtype is part of the
+    evaluation cache's key, so a score is never compared with one taken at another precision.
+    tests/test_scoring_dtype.py shows bf16 and fp32 scores agree within their stderr.
+    """
+    return compute_dtype_name(compute_dtype, device)
 
 
 def optimizer_name(name: str, device: Device) -> str:

@@ -192,9 +192,14 @@ class LimitsConfig(Strict):
 
 
 class FinalStageConfig(Strict):
-    """After the search, the best trials by the cheap score are scored again on more items."""
+    """After the search, the best trials by the cheap score are scored again on more items, and on
+    tasks too costly to score on every trial (a "does not forget" guard such as MMLU)."""
 
     top_k: int = Field(3, ge=1)
+    tasks: list[str] = Field(
+        default_factory=list, description="extra tasks scored only in the final stage, on the top_k and on the "
+        "untuned base (once per 4-bit type, cached), beside evaluation.tasks"
+    )
     limit: int | None = Field(None, ge=1, description="items per task in the final stage; null = every item")
     per_subject: int | None = Field(
         None, ge=1, description="items per subtask of a group task (mmlu) in the final stage; null = every item"

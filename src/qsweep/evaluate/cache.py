@@ -1,7 +1,8 @@
 """The evaluation cache: a score of the untuned base, reused by every later sweep asking the same question.
 
 A score is stored under everything it depends on: the model's weights hash, the quantization
-config (with `auto` resolved to what this machine runs), the content of every task (its YAML
+config (with `auto` resolved to what this machine runs), the dtype it was scored under
+(config.policy.scoring_dtype), the content of every task (its YAML
 files, the templates they include, the Python files beside them and the data files they read, for
 local tasks; the name and lm-eval's version for built-in ones), the items (the seeded subset:
 limit or per-subject count and seed over that content; the drawn ids are stored in the entry), num_fewshot and
@@ -154,7 +155,7 @@ def chat_ingredients(evaluation: Any, chat_template: str | None) -> dict[str, An
 
 
 def baseline_ingredients(model_hash: str, quant: Any, compute_dtype: str, evaluation: Any,
-                         dirs: list[Path], chat_template: str | None = None) -> dict[str, Any]:
+                         dirs: list[Path], scoring_dtype: str, chat_template: str | None = None) -> dict[str, Any]:
     """Everything a score of the untuned base depends on (see the module's docstring);
     `chat_template` is the template's text when evaluation.apply_chat_template is on."""
     return {
@@ -162,6 +163,7 @@ def baseline_ingredients(model_hash: str, quant: Any, compute_dtype: str, evalua
         "model_hash": model_hash,
         "quantization": {"quant_type": quant.quant_type, "double_quant": quant.double_quant,
                          "compute_dtype": compute_dtype},
+        "scoring_dtype": scoring_dtype,
         "tasks": {task: task_content_hash(task, dirs) for task in evaluation.tasks},
         "items": {"limit": evaluation.limit, "per_subject": evaluation.per_subject, "subset_seed": evaluation.subset_seed},
         "num_fewshot": evaluation.num_fewshot,

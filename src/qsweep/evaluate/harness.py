@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from qsweep.config.paths import resolve_path, shipped
+from qsweep.config.policy import scoring_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class EvalResult:
     raw: dict[str, Any] = field(repr=False)
     samples: dict[str, list[dict]] = field(default_factory=dict, repr=False)
     items: dict[str, list[int]] | None = None
+    dtype: str = "float32"  # what it was scored under (config.policy.scoring_dtype)
 
 
 def include_dirs(extra: list[str], base_dir: Path) -> list[Path]:
@@ -172,9 +174,16 @@ def subset_ids(specs: list[str | dict], limit: int | None, seed: int, manager: A
     return chosen
 
 
+# On a CPU a bigger batch buys no speed (a K-times batch costs K times one), while every item is padded
+# to the batch's longest and lm-eval holds fp32 logits (and their log_softmax) for every position of
+# every item. Measured on the MMLU guard (57 questions, SmolLM2-135M in 4 bit, one thread, bf16, CPU
+# seconds under load): batch 1 28.5 s, 4 25.9 s, 16 45.8 s.
+CPU_BATCH = 4
+
+
 def auto_batch_size(model: Any) -> int | str:
-    """On CUDA, lm-eval's own probe finds the largest batch that fits. On a CPU there is no OOM to
-    probe for, so the batch is sized from available memory and the logits of a 512-token item."""
+    """On CUDA, lm-eval's own probe finds the largest batch that fits. On a CPU, CPU_BATCH, fewer when
+    available memory would not hold the logits of that many 512-token items."""
     import torch
 
     if torch.cuda.is_available():
@@ -182,7 +191,7 @@ def auto_batch_size(model: Any) -> int | str:
     available = _available_memory_bytes()
     vocab = model.config.get_text_config().vocab_size if hasattr(model, "config") else 32000
     per_item = 512 * vocab * 4 * 3
-    return max(1, min(64, int(0.25 * available / per_item)))
+    return max(1, min(CPU_BATCH, int(0.25 * available / per_item)))
 
 
 def _available_memory_bytes() -> int:
@@ -215,11 +224,13 @@ def evaluate_model(
     apply_chat_template: bool = False,
     system_instruction: str | None = None,
     fewshot_as_multiturn: bool | None = None,
+    dtype: str = "float32",
 ) -> EvalResult:
-    """Scores the model in memory; `limit` / `per_subject` draw a seeded subset of items, recorded
-    in the result. With `apply_chat_template` lm-eval writes each prompt with the tokenizer's chat
-    template (as a chat model is used); the template and its sha256 go into the results, as
-    lm-eval's own CLI records them."""
+    """Scores the model in memory, under autocast to `dtype` unless it is float32 (see
+    config.policy.scoring_dtype); `limit` / `per_subject` draw a seeded subset of items, recorded in
+    the result. With `apply_chat_template` lm-eval writes each prompt with the tokenizer's chat
+    template (as a chat model is used); the template and its sha256 go into the results, as lm-eval's
+    own CLI records them."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -233,7 +244,11 @@ def evaluate_model(
     samples = subset_ids(specs, limit, subset_seed, manager, per_subject) if limit or per_subject else None
     if batch_size == "auto":
         batch_size = auto_batch_size(model)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
+    # lm-eval's own mixed precision: autocast around each forward. Autocast rather than casting the
+    # model: the 4-bit layers already compute in the compute dtype, and the fp32 layers (embeddings,
+    # norms, the head) keep their weights, as in training on CUDA, while their matmuls run in `dtype`.
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64,
+              mixed_precision_dtype=None if dtype == "float32" else dtype)
     report_environment_once()
     multiturn = apply_chat_template if fewshot_as_multiturn is None else fewshot_as_multiturn
     raw = simple_evaluate(
@@ -250,7 +265,7 @@ def evaluate_model(
     )
     raw.update(chat_settings(tokenizer, apply_chat_template, system_instruction, multiturn))
     records = {task: [_sample_record(s) for s in items] for task, items in raw.get("samples", {}).items()}
-    return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=records, items=samples)
+    return EvalResult(scores=flatten_scores(raw["results"]), raw=raw, samples=records, items=samples, dtype=dtype)
 
 
 # How the prompts were written: the keys lm-eval's CLI gives them in its results file.
@@ -268,14 +283,22 @@ def text_sha256(text: str | None) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest() if text is not None else None
 
 
-def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, stage: Any = None) -> EvalResult:
-    """Scores with a trial's evaluation config; a final stage's `limit` and `per_subject` replace
-    the config's."""
+def model_device(model: Any) -> str:
+    return next(model.parameters()).device.type
+
+
+def score(model: Any, tokenizer: Any, evaluation: Any, base_dir: Path, quantization: Any,
+          stage: Any = None) -> EvalResult:
+    """Scores with a trial's evaluation config, in the dtype config.policy.scoring_dtype picks for
+    the model's `quantization` on its device. A final stage's `limit` and `per_subject` replace the
+    config's, and its `tasks` are scored too."""
     items = stage if stage is not None else evaluation
+    tasks = [*evaluation.tasks, *(stage.tasks if stage is not None else [])]
     return evaluate_model(
-        model, tokenizer, evaluation.tasks, include_dirs(evaluation.include_path, base_dir),
+        model, tokenizer, tasks, include_dirs(evaluation.include_path, base_dir),
         num_fewshot=evaluation.num_fewshot, limit=items.limit, per_subject=items.per_subject,
         batch_size=evaluation.batch_size, subset_seed=evaluation.subset_seed,
         apply_chat_template=evaluation.apply_chat_template, system_instruction=evaluation.system_instruction,
         fewshot_as_multiturn=evaluation.fewshot_as_multiturn,
+        dtype=scoring_dtype(quantization.compute_dtype, model_device(model)),
     )

@@ -9,7 +9,6 @@ study still lacks, after the study and the MLflow mirror close what that driver 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
@@ -27,6 +26,7 @@ from qsweep.orchestrate.driver import ray_started_beside, timed_phase
 from qsweep.orchestrate.live import LiveView
 from qsweep.orchestrate.steps import longest_trial_steps, train_rows
 from qsweep.resources.packing import Machine, calibration, refuse_oversized, resources_for
+from qsweep.orchestrate.task_log import trial_log
 from qsweep.search.objective import FAILED, OBJECTIVE, objective_value
 from qsweep.search.scheduler import build_scheduler
 from qsweep.search.searcher import Tried, build_searcher, prepare_study
@@ -53,27 +53,6 @@ class SweepSummary:
     best: dict[str, Any] | None
     gave_up: str | None = None
     final: dict[str, Any] | None = None
-
-
-TRIAL_LOGGERS = ("qsweep", "transformers", "peft", "lm_eval")
-
-
-@contextlib.contextmanager
-def trial_log(path: Path) -> Iterator[None]:
-    """The trial's own log: its last lines go to MLflow when the trial fails. Closed when the trial
-    ends, so the next trial Ray gives this worker process writes only to its own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in TRIAL_LOGGERS:
-        logging.getLogger(name).addHandler(handler)
-    logging.getLogger("qsweep").setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        for name in TRIAL_LOGGERS:
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
 
 
 # Start-up is paid once per worker process: Ray Tune hands a finished trial's process to the next
@@ -324,7 +303,8 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
     with timed_phase("final_stage"):
-        final = stages.run_final_stage(sweep, runs, folder / "trials", resources, machine.context_mb)
+        final = stages.run_final_stage(sweep, runs, folder / "trials", resources, state.parent_run_id,
+                                       machine.context_mb)
     # Nothing needs Ray from here on: it goes down (from this, the main thread) while the search
     # insight and the report are written, instead of after them.
     with ThreadPoolExecutor(1, thread_name_prefix="wrap-up") as pool:

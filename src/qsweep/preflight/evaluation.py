@@ -14,21 +14,32 @@ def _local_tasks(sweep: SweepConfig) -> dict[str, Path]:
     return local_tasks([d for d in dirs if d.is_dir()])
 
 
+def task_fields(trial: TrialConfig) -> dict[str, list[str]]:
+    """The tasks a sweep scores, by the field that names them: every trial's, and the final stage's own."""
+    final = trial.evaluation.final
+    return {"evaluation.tasks": trial.evaluation.tasks, **({"evaluation.final.tasks": final.tasks} if final else {})}
+
+
 def check_tasks(trial: TrialConfig, base_dir: Path) -> list[str]:
     dirs = include_dirs(trial.evaluation.include_path, base_dir)
     problems = [f"evaluation.include_path: {d} is not a folder; fix the path (relative to the sweep file)"
                 for d in dirs if not d.is_dir()]
     local = local_tasks([d for d in dirs if d.is_dir()])
-    unknown = [t for t in trial.evaluation.tasks if t not in local]
+    named = task_fields(trial)
+    unknown = [(field, t) for field, tasks in named.items() for t in tasks if t not in local]
     if unknown:
         # Building lm-eval's built-in index costs ~14 s: only when a task is not local.
         builtin = builtin_task_names()
-        for task in unknown:
+        for field, task in unknown:
             if task not in builtin:
                 problems.append(
-                    f"evaluation.tasks: {task!r} is neither a local task ({', '.join(sorted(local)) or 'none'}) "
+                    f"{field}: {task!r} is neither a local task ({', '.join(sorted(local)) or 'none'}) "
                     "nor an lm-eval task; check the name or add its YAML to evaluation.include_path"
                 )
+    for task in named.get("evaluation.final.tasks", []):
+        if task in trial.evaluation.tasks:
+            problems.append(f"evaluation.final.tasks: {task!r} is in evaluation.tasks already, which the final "
+                            "stage scores too; remove it from one of them")
     return problems
 
 
@@ -79,6 +90,10 @@ def _check_metric_task(sweep: SweepConfig, field: str, metric: str) -> list[str]
                 f"{tasks[0]}/acc"]
     if task in tasks:
         return []
+    if sweep.evaluation.final is not None and task in sweep.evaluation.final.tasks:
+        return [f"{field}: task {task!r} is scored only in the final stage (evaluation.final.tasks), after the "
+                f"search, so no trial could be ranked by it; rank by one of evaluation.tasks ({tasks}), or move "
+                f"{task} to evaluation.tasks"]
     local = _local_tasks(sweep)
     # Only a built-in group or tag can report a task not named in evaluation.tasks (mmlu -> mmlu_anatomy).
     builtin = [t for t in tasks if t not in local]

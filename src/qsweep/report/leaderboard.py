@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from qsweep import tracking
@@ -22,8 +22,12 @@ KEY_PARAMS = {
 MEASURES = {"peak_mb": "peak_memory_mb", "train_s": "train_seconds", "tok/s": "tokens_per_second"}
 # MMLU beside the ranked score (a "does not forget" guard): the group and its four categories as
 # lm-eval reports them (offline copy or lm-eval's own), and the group's change against the base.
+# Scored on every trial (evaluation.tasks) or on the finalists only (evaluation.final.tasks).
 MMLU_GROUPS = ("mmlu_offline", "mmlu")
 MMLU_CATEGORIES = {"stem": "stem", "hum": "humanities", "soc": "social_sciences", "other": "other"}
+MMLU_COLUMNS = ("mmlu", "mmlu_delta", *(f"mmlu_{c}" for c in MMLU_CATEGORIES))
+# What a trial the guard was not scored on shows: never a blank, which a spreadsheet reads as 0.
+NOT_SCORED = "not scored"
 
 
 class LeaderboardError(ValueError):
@@ -38,6 +42,14 @@ class Leaderboard:
     baseline: float | None
     rows: list[dict[str, Any]]
     mmlu: str | None = None
+    # "final/" when the guard is scored on the finalists only, else "".
+    mmlu_stage: str = ""
+    # The untuned base's guard per 4-bit type: each trial's Δ mmlu is against its own type's.
+    mmlu_baseline: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mmlu_title(self) -> str:
+        return f"{self.mmlu} (final)" if self.mmlu_stage else str(self.mmlu)
 
 
 def latest_experiment(mlflow_client: Any) -> str:
@@ -116,16 +128,21 @@ def build_leaderboard(uri: str, experiment: str | None = None, metric: str | Non
     runs = mlflow_client.search_runs([found.experiment_id], filter_string=query,
                                      order_by=[f"metrics.`{metric}` {order}"], max_results=5000)
     kept = [run for run in runs if metric in run.data.metrics]
-    mmlu = next((g for g in MMLU_GROUPS if any(f"{g}/acc" in run.data.metrics for run in kept)), None)
-    rows = rank_final_first([_row(run, metric, mmlu) for run in kept], direction)
+    mmlu, stage = next(((g, stage) for stage in ("", "final/") for g in MMLU_GROUPS
+                        if any(f"{stage}{g}/acc" in run.data.metrics for run in kept)), (None, ""))
+    rows = rank_final_first([_row(run, metric, mmlu, stage) for run in kept], direction)
     front = pareto_front(rows, metric, direction)
     for row in rows:
         row["pareto"] = row["run_id"] in front
-    baseline = sweep_run.data.metrics.get(f"baseline/{metric}") if sweep_run else None
-    return Leaderboard(experiment, metric, direction, baseline, rows[:top], mmlu)
+    base_metrics = sweep_run.data.metrics if sweep_run else {}
+    suffix = f"/{stage}{mmlu}/acc"
+    guard = {k.removeprefix("baseline/").removesuffix(suffix): v for k, v in base_metrics.items()
+             if k.startswith("baseline/") and k.endswith(suffix) and k.count("/") == suffix.count("/") + 1}
+    return Leaderboard(experiment, metric, direction, base_metrics.get(f"baseline/{metric}"), rows[:top], mmlu,
+                       stage, guard)
 
 
-def _row(run: Any, metric: str, mmlu: str | None) -> dict[str, Any]:
+def _row(run: Any, metric: str, mmlu: str | None, stage: str) -> dict[str, Any]:
     metrics, params = run.data.metrics, run.data.params
     row: dict[str, Any] = {"run_id": run.info.run_id, "trial": run.data.tags.get("qsweep.trial_id", "")}
     row[metric] = metrics[metric]
@@ -135,15 +152,17 @@ def _row(run: Any, metric: str, mmlu: str | None) -> dict[str, Any]:
     row.update({label: params.get(key) for label, key in KEY_PARAMS.items()})
     row.update({label: metrics.get(key) for label, key in MEASURES.items()})
     if mmlu:
-        row["mmlu"] = metrics.get(f"{mmlu}/acc")
-        row["mmlu_delta"] = metrics.get(f"delta/{mmlu}/acc")
-        row.update({f"mmlu_{label}": metrics.get(f"{mmlu}_{c}/acc") for label, c in MMLU_CATEGORIES.items()})
+        row["mmlu"] = metrics.get(f"{stage}{mmlu}/acc")
+        row["mmlu_delta"] = metrics.get(f"delta/{stage}{mmlu}/acc")
+        row.update({f"mmlu_{label}": metrics.get(f"{stage}{mmlu}_{c}/acc") for label, c in MMLU_CATEGORIES.items()})
     return row
 
 
 def to_json(board: Leaderboard) -> str:
+    """A guard not scored on a trial is null (JSON's own "no value")."""
     return json.dumps({"experiment": board.experiment, "metric": board.metric, "baseline": board.baseline,
-                       "mmlu": board.mmlu, "rows": board.rows}, indent=2)
+                       "mmlu": board.mmlu, "mmlu_stage": board.mmlu_stage.rstrip("/") or "every trial",
+                       "mmlu_baseline": board.mmlu_baseline, "rows": board.rows}, indent=2)
 
 
 def to_csv(board: Leaderboard) -> str:
@@ -151,16 +170,24 @@ def to_csv(board: Leaderboard) -> str:
     if board.rows:
         writer = csv.DictWriter(out, fieldnames=list(board.rows[0]))
         writer.writeheader()
-        writer.writerows(board.rows)
+        writer.writerows({**row, **({c: NOT_SCORED for c in MMLU_COLUMNS} if row.get("mmlu", 0) is None else {})}
+                         for row in board.rows)
     return out.getvalue()
+
+
+def _title(board: Leaderboard, experiment: str) -> str:
+    baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
+    if board.mmlu_baseline:
+        per_type = ", ".join(f"{quant} {value:.3f}" for quant, value in sorted(board.mmlu_baseline.items()))
+        baseline += f" ({board.mmlu_title}: {per_type})"
+    return f"{experiment}: {board.metric} ({board.direction}){baseline}"
 
 
 def to_table(board: Leaderboard) -> Any:
     """Compact for a terminal: score ± stderr in one column, 3 significant digits."""
     from rich.table import Table
 
-    baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
-    table = Table(title=f"{board.experiment}: {board.metric} ({board.direction}){baseline}")
+    table = Table(title=_title(board, board.experiment))
     for column in _display_columns(board):
         table.add_column(column, no_wrap=True)
     for row in board.rows:
@@ -169,22 +196,21 @@ def to_table(board: Leaderboard) -> Any:
 
 
 def _display_columns(board: Leaderboard) -> list[str]:
-    mmlu = [board.mmlu, "Δ mmlu", *MMLU_CATEGORIES] if board.mmlu else []
+    mmlu = [board.mmlu_title, "Δ mmlu", *MMLU_CATEGORIES] if board.mmlu else []
     return ["run", board.metric, "final", "Δ base", *mmlu, *KEY_PARAMS, *MEASURES, "pareto"]
 
 
 def _display_cells(board: Leaderboard, row: dict[str, Any], pareto_mark: str) -> list[str]:
     score = f"{row[board.metric]:.3f}" + (f" ± {row['stderr']:.3f}" if row["stderr"] is not None else "")
-    mmlu = ["mmlu", "mmlu_delta", *(f"mmlu_{c}" for c in MMLU_CATEGORIES)] if board.mmlu else []
-    return [row["run_id"], score, _cell(row["final"]), _cell(row["delta"]), *(_cell(row[c]) for c in mmlu),
+    mmlu = [NOT_SCORED if row["mmlu"] is None else _cell(row[c]) for c in MMLU_COLUMNS] if board.mmlu else []
+    return [row["run_id"], score, _cell(row["final"]), _cell(row["delta"]), *mmlu,
             *(_cell(row[c]) for c in KEY_PARAMS), *(_cell(row[c]) for c in MEASURES),
             pareto_mark if row.get("pareto") else ""]
 
 
 def to_markdown(board: Leaderboard) -> str:
-    baseline = f", untuned base {board.baseline:.3f}" if board.baseline is not None else ""
     columns = _display_columns(board)
-    lines = [f"**{board.experiment}**: {board.metric} ({board.direction}){baseline}", "",
+    lines = [_title(board, f"**{board.experiment}**"), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_display_cells(board, row, pareto_mark="yes")) + " |" for row in board.rows]
     return "\n".join(lines) + "\n"

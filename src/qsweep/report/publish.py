@@ -25,8 +25,12 @@ class PublishError(ValueError):
     pass
 
 
-def scores_of(logged: LoggedTrial, tasks: list[str]) -> dict[str, float]:
-    return {k: v for k, v in logged.metrics.items() if k.split("/")[0] in tasks}
+def scores_of(logged: LoggedTrial) -> dict[str, float]:
+    """Its scores, and the final stage's (`final/...`, the guard of evaluation.final.tasks among them)
+    when it was a finalist."""
+    evaluation = logged.trial.evaluation
+    tasks = [*evaluation.tasks, *(evaluation.final.tasks if evaluation.final else [])]
+    return {k: v for k, v in logged.metrics.items() if k.removeprefix("final/").split("/")[0] in tasks}
 
 
 def absolute_paths(logged: LoggedTrial) -> dict[str, Any]:
@@ -92,7 +96,7 @@ def _version_tags(logged: LoggedTrial) -> dict[str, str]:
         "target_modules": ",".join(logged.provenance.get("target_modules_resolved", [])),
         "learning_rate": str(trial.training.learning_rate),
     }
-    tags.update({f"score.{k}": f"{v:.6g}" for k, v in scores_of(logged, trial.evaluation.tasks).items()})
+    tags.update({f"score.{k}": f"{v:.6g}" for k, v in scores_of(logged).items()})
     return tags
 
 
@@ -132,7 +136,7 @@ def _length(training: Any) -> str:
 
 def model_card(logged: LoggedTrial) -> str:
     trial = logged.trial
-    scores = scores_of(logged, trial.evaluation.tasks)
+    scores = scores_of(logged)
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(scores.items()))
     return f"""# QLoRA adapter for {trial.model.name}
 

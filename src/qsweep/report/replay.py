@@ -10,7 +10,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from qsweep import tracking
 from qsweep.config.schema import QuantizationConfig, TrialConfig
@@ -52,35 +52,70 @@ def fetch_logged_trial(uri: str, run_id: str, dest: Path | None = None, with_ada
     return LoggedTrial(run_id, trial, provenance, adapter_dir, dict(run.data.metrics))
 
 
-def load_adapter(adapter_dir: Path, model_name: str, quantization: QuantizationConfig, base_dir: Path = Path("."),
-                 revision: str | None = None, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """A saved adapter on its base, refused unless the base's weights and the quantization are the
-    ones it was trained with; the base in 4 bit exactly as the trial had it (kbit preparation too)."""
-    from peft import PeftModel, prepare_model_for_kbit_training
-
-    from qsweep.train.trial import load_base
-
+def check_adapter(adapter_dir: Path, model_hash: str, quantization: QuantizationConfig) -> None:
+    """Refuses an adapter unless the base's weights and the quantization are the ones it was trained with."""
     if not (adapter_dir / PROVENANCE_FILE).exists():
         raise ProvenanceError(f"{adapter_dir} has no {PROVENANCE_FILE}: it was not saved by this qsweep, so its "
                               "base model and quantization cannot be checked")
     logged = json.loads((adapter_dir / PROVENANCE_FILE).read_text())
-    model_info = resolve_model(model_name, revision, base_dir)
-    check_base(model_info.content_hash, logged)
+    check_base(model_hash, logged)
     check_quantization(quantization, logged["quantization"])
-    model, tokenizer = load_base(model_info.path, quantization, trust_remote_code)
+
+
+def load_logged_base(trial: TrialConfig, base_dir: Path) -> tuple[Any, Any, str]:
+    """The base a trial's config names, in 4 bit exactly as the trial had it before LoRA (kbit
+    preparation too), its tokenizer, and its weights hash."""
+    from peft import prepare_model_for_kbit_training
+
+    from qsweep.train.chat import read_template
+    from qsweep.train.trial import load_base
+
+    model_info = resolve_model(trial.model.name, trial.model.revision, base_dir)
+    model, tokenizer = load_base(model_info.path, trial.quantization, trial.model.trust_remote_code,
+                                 chat_template=read_template(trial.data.chat_template, base_dir))
     # The trial scored its model after prepare_model_for_kbit_training (norms upcast to fp32);
     # doing the same here makes the reloaded logits match, not just come close.
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    return model, tokenizer
+    return model, tokenizer, model_info.content_hash
+
+
+def each_adapter(base: Any, adapters: dict[str, Path]) -> Iterator[tuple[str, Any]]:
+    """Each adapter in turn on one loaded base (peft's load_adapter / set_adapter), the model with
+    only that adapter active; the one before it is deleted, so at most two are held at once. What
+    LoRA adds is computed per active adapter, so each scores as it would alone on a fresh base."""
+    from peft import PeftModel
+
+    model, previous = None, None
+    for name, adapter_dir in adapters.items():
+        if model is None:
+            model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=name)
+        else:
+            model.load_adapter(adapter_dir, adapter_name=name)
+            model.set_adapter(name, inference_mode=True)
+            model.delete_adapter(previous)
+        model.eval()
+        previous = name
+        yield name, model
+
+
+def load_trained_on_one_base(trials: dict[str, tuple[TrialConfig, Path]], base_dir: Path
+                             ) -> tuple[Any, Iterator[tuple[str, Any]]]:
+    """Logged trials that share a base and its quantization: (the base and its tokenizer, loaded
+    once, then each trial's adapter on it in turn). Every adapter's provenance is checked before the
+    base is loaded."""
+    first = next(iter(trials.values()))[0]
+    model_hash = resolve_model(first.model.name, first.model.revision, base_dir).content_hash
+    for trial, adapter_dir in trials.values():
+        if (trial.model, trial.quantization) != (first.model, first.quantization):
+            raise ValueError(f"{adapter_dir}: trained on another base or quantization than {first.quantization}")
+        check_adapter(adapter_dir, model_hash, trial.quantization)
+    model, tokenizer, _ = load_logged_base(first, base_dir)
+    return (model, tokenizer), each_adapter(model, {name: adapter for name, (_, adapter) in trials.items()})
 
 
 def load_trained(trial: TrialConfig, adapter_dir: Path, base_dir: Path) -> tuple[Any, Any]:
-    """A logged trial's adapter on the base and quantization its config names, with the chat
-    template it was trained and scored with (data.chat_template, when set)."""
-    from qsweep.train.chat import read_template, use_template
-
-    model, tokenizer = load_adapter(adapter_dir, trial.model.name, trial.quantization, base_dir, trial.model.revision,
-                                    trial.model.trust_remote_code)
-    return model, use_template(tokenizer, read_template(trial.data.chat_template, base_dir))
+    """A logged trial's adapter on the base and quantization its config names, refused unless they
+    are the ones it was trained with."""
+    (_, tokenizer), adapters = load_trained_on_one_base({"default": (trial, adapter_dir)}, base_dir)
+    return next(adapters)[1], tokenizer

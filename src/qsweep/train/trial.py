@@ -96,9 +96,9 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
     tokenizer = chat.use_template(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code), chat_template)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # On a CPU the layers left unquantized (embeddings, norms) stay fp32 whatever the compute dtype:
-    # prepare_model_for_kbit_training makes them fp32 for training anyway, so the untuned base is
-    # scored in the same precision as the trained adapters, and bf16 speeds up only the 4-bit matmuls.
+    # The unquantized layers (embeddings, norms, head) are fp32 on every device: kbit preparation makes
+    # them fp32 for training anyway, so the untuned base and the adapters hold the same weights in the
+    # same precision, and the scoring dtype (config.policy.scoring_dtype) decides how matmuls run.
     on_gpu = torch.cuda.is_available()
     bnb = bnb_config(quant)
     stored = None if on_gpu or trust_remote_code or savable else quantized.stored_folder(
@@ -108,13 +108,14 @@ def load_base(path: Path, quant: QuantizationConfig, trust_remote_code: bool = F
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=bnb,
-            dtype=resolve_compute_dtype(quant.compute_dtype) if on_gpu else torch.float32,
+            dtype=torch.float32,
             device_map={"": 0} if on_gpu else {"": "cpu"},
             trust_remote_code=trust_remote_code,
         )
         if stored:
             quantized.store(model, stored)
     keep_cpu_weights_unpacked(model)
+    logger.info("loaded the 4-bit base %s (%s, double quant %s)", path.name, quant.quant_type, quant.double_quant)
     return model, tokenizer
 
 
@@ -267,7 +268,7 @@ def score_base(config: TrialConfig, base_dir: Path, model: Any = None, tokenizer
         model, tokenizer = load_base(path, config.quantization, config.model.trust_remote_code,
                                      chat_template=chat.read_template(config.data.chat_template, base_dir))
     model.eval()
-    return score(model, tokenizer, config.evaluation, base_dir)
+    return score(model, tokenizer, config.evaluation, base_dir, config.quantization)
 
 
 def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporter,
@@ -325,7 +326,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
     check_budget(started, trial.limits.time_budget_s, "after training, before scoring")
     eval_started = time.perf_counter()
     model.eval()
-    result = score(model, tokenizer, trial.evaluation, base_dir)
+    result = score(model, tokenizer, trial.evaluation, base_dir, trial.quantization)
     eval_seconds = time.perf_counter() - eval_started
 
     provenance = {
@@ -339,6 +340,7 @@ def run_trial(trial: TrialConfig, base_dir: Path, out_dir: Path, report: Reporte
         **({"compute_dtype_reason": fastest_compute_dtype(device_type())[1]}
            if trial.quantization.compute_dtype == "auto" else {}),
         "optimizer": resolve_optimizer(trial.training.optimizer),
+        "scoring_dtype": result.dtype,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "versions": package_versions(),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
