@@ -37,7 +37,9 @@ def test_quick_bench_prints_both_walls_their_ratio_and_a_profile(tmp_path):
     assert sum(t["untuned_base_scored_in_trial_s"] > 0 for t in profile["trials"]) == 2
     assert set(profile["baselines_from_cache"].values()) and all(
         v.startswith("stored ") for v in profile["baselines_from_cache"].values())
-    assert all(v.startswith("reused ") for v in warm["profile"]["baselines_from_cache"].values())
-    assert all(t["untuned_base_scored_in_trial_s"] == 0 for t in warm["profile"]["trials"])
+    warm_baselines, warm_trials = warm["profile"]["baselines_from_cache"], warm["profile"]["trials"]
+    assert set(warm_baselines) == set(profile["baselines_from_cache"]) and len(warm_trials) == 2
+    assert all(v.startswith("reused ") for v in warm_baselines.values())
+    assert all(t["untuned_base_scored_in_trial_s"] == 0 for t in warm_trials)
     assert len(profile["mlflow_logging_per_trial_s"]) == 2
     assert {"trials", "search_insight", "ray_shutdown"} <= set(profile["sweep_phases_s"])

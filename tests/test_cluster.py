@@ -151,9 +151,12 @@ def ray_cluster():
         cluster.shutdown()
 
 
-def _write_sweep(workdir: Path, base: dict, name: str, tracking_uri: str, address: str | None = None) -> Path:
+def _write_sweep(workdir: Path, base: dict, name: str, tracking_uri: str, address: str | None = None,
+                 max_steps: int | None = None) -> Path:
     sweep = copy.deepcopy(base)
     sweep["name"] = name
+    if max_steps is not None:
+        sweep["training"] = {**sweep["training"], "max_steps": max_steps, "eval_every": max_steps // 2}
     sweep["tracking"] = {"uri": tracking_uri, "experiment": name}
     if address:
         sweep["cluster"] = {"address": address}
@@ -295,7 +298,10 @@ def test_trials_ran_on_both_nodes(spread_sweep):
 
 class NodeKiller(threading.Thread):
     """Kills the worker node (SIGKILL, no graceful shutdown) once a trial has finished and a trial
-    that is still early (no validation loss logged yet) runs on that node."""
+    that has not been scored yet (still loading, training or scoring) runs on that node.
+
+    Any trial not yet scored will do, not only one before its first validation loss: on a loaded
+    CI machine a short trial's early window can fall between two polls, and then nothing is killed."""
 
     def __init__(self, cluster, worker, uri: str, experiment: str, timeout_s: float = 600):
         super().__init__(daemon=True)
@@ -311,7 +317,7 @@ class NodeKiller(threading.Thread):
             while not self.done.is_set() and time.monotonic() < self.deadline:
                 if self._try_kill():
                     return
-                time.sleep(0.5)
+                time.sleep(0.2)
         except Exception as exc:  # noqa: BLE001 - re-raised in the test
             self.error = exc
 
@@ -326,8 +332,7 @@ class NodeKiller(threading.Thread):
         latest = {r.data.tags.get("qsweep.trial_id"): r for r in runs}
         for trial_id in on_worker:
             run = latest.get(trial_id)
-            if (trial_id in finished or run is None or run.info.status != "RUNNING"
-                    or "eval_loss" in run.data.metrics or METRIC in run.data.metrics):
+            if trial_id in finished or run is None or run.info.status != "RUNNING" or METRIC in run.data.metrics:
                 return False
         self.finished_before = finished
         self.victims = set(on_worker)
@@ -339,7 +344,8 @@ def test_killing_a_worker_node_loses_no_finished_trial(tmp_path, tiny_sweep_base
     uri, name = mlflow_server["uri"], "cluster-kill"
     with ray_cluster() as (cluster, worker):
         # This time the address comes from the sweep file's `cluster.address`, not --address.
-        path = _write_sweep(tmp_path, tiny_sweep_base, name, uri, address=cluster.address)
+        # Longer trials than the spread sweep's, so that one is surely seen mid-run on the worker.
+        path = _write_sweep(tmp_path, tiny_sweep_base, name, uri, address=cluster.address, max_steps=40)
         head_id = cluster.head_node.node_id
         killer = NodeKiller(cluster, worker, uri, name)
         killer.start()

@@ -87,7 +87,7 @@ def counting_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def test_finalists_of_one_quantization_score_on_one_base_as_each_would_alone(two_trials, tmp_path, monkeypatch):
-    from qsweep.orchestrate.stages import score_final
+    from qsweep.orchestrate.final import score_final
 
     _, folders = two_trials
     alone = [fresh_scores(folder) for folder in folders]
@@ -117,7 +117,8 @@ def test_each_adapter_on_the_shared_base_gives_its_own_logits(two_trials):
 def test_the_untuned_base_is_scored_on_the_same_load_and_cached(two_trials, tmp_path, monkeypatch):
     """The final stage's own tasks on the untuned base: scored on the finalists' base before any adapter
     touches it, equal to scoring a freshly loaded base, and cached under its key."""
-    from qsweep.orchestrate.stages import baseline_key, final_baseline_trial, score_final
+    from qsweep.orchestrate.final import final_baseline_trial, score_final
+    from qsweep.orchestrate.stages import baseline_key
     from qsweep.train.trial import UntunedBase, score_untuned_base
 
     sweep, folders = two_trials

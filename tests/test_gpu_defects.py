@@ -246,7 +246,7 @@ def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict, unquantized_c
 def test_the_final_stage_task_is_capped_like_a_trial(tiny_sweep_dict, tmp_path, unquantized_cache):
     import shutil
 
-    from qsweep.orchestrate.stages import score_final
+    from qsweep.orchestrate.final import score_final
     from qsweep.train.trial import run_trial
 
     sweep = SweepConfig(**tiny_sweep_dict)

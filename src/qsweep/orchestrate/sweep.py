@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from qsweep import tracking
 from qsweep.config.schema import SearchConfig, SweepConfig, TrialConfig, dump_yaml
+from qsweep.orchestrate import final as final_stage
 from qsweep.orchestrate import sharing, stages
 from qsweep.orchestrate.cluster import cluster_machine
 from qsweep.orchestrate.driver import ray_started_beside, timed_phase
@@ -303,7 +304,7 @@ def _search(sweep: SweepConfig, space: SearchSpace, folder: Path, state: SweepSt
         runs = tracking.trial_runs(tracking.client(sweep.tracking.uri), state.experiment_id, state.parent_run_id)
         stages.log_deltas(sweep.tracking.uri, runs, baselines)
     with timed_phase("final_stage"):
-        final = stages.run_final_stage(sweep, runs, folder / "trials", resources, state.parent_run_id,
+        final = final_stage.run_final_stage(sweep, runs, folder / "trials", resources, state.parent_run_id,
                                        machine.context_mb)
     # Nothing needs Ray from here on: it goes down (from this, the main thread) while the search
     # insight and the report are written, instead of after them.

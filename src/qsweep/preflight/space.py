@@ -13,7 +13,8 @@ from qsweep.search.space import ParamSpec, SearchSpace, apply_params, check_spac
 def load_space_of(sweep: SweepConfig) -> tuple[SearchSpace | None, str, list[str]]:
     """The search space, the file it came from, and its problems (each branch's extremes included)."""
     if not sweep.search.space:
-        return None, "", []
+        # No space: every trial is the sweep's own trial (repeats of one config, each scored).
+        return SearchSpace(description="the sweep's own trial only"), "", []
     try:
         space_file = find_space_file(sweep.search.space, sweep.base_dir)
     except SweepFileError as exc:

@@ -92,6 +92,12 @@ def _check_server(uri: str) -> list[str]:
 
 def _check_file_store(uri: str) -> list[str]:
     path = resolve_path(urlparse(uri).path if uri.startswith("file:") else uri, Path.cwd())
+    # MLflow 3 refuses its folder store unless MLFLOW_ALLOW_FILE_STORE is true (read as MLflow's own
+    # boolean variables are); say so before the sweep starts, not after its set-up.
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() not in ("true", "1"):
+        return [f"tracking.uri: {uri!r} is a folder (MLflow's file store), which MLflow 3 no longer accepts; "
+                f"use a database file in it, sqlite:///{path}/mlflow.db, or export MLFLOW_ALLOW_FILE_STORE=true "
+                "to keep the folder"]
     if path.exists() and not path.is_dir():
         return [f"tracking.uri: {path} is a file, not a folder for MLflow's file store; use a folder or "
                 f"{DEFAULT_TRACKING_URI}"]

@@ -84,6 +84,12 @@ CUDA_CONTEXT_MIB = 550.0
 # interpreter and its libraries, ~550 MiB of RSS before any model is loaded and the same for every
 # trial; add them when sizing a CPU worker's memory.
 CPU_RUNTIME_MIB = 24.0
+# On the CPU in bf16 (AMX or AVX512-BF16; no autocast, only the 4-bit layers compute in bf16), the
+# bf16 kernels' code and scratch on top of that: the same trial peaks 24-37 MiB higher in bf16 than
+# in fp32 on tiny-llama, where nothing else is left (37 vs 61 MiB on the quickstart's rows, 66 vs
+# 95-104 on long and short rows mixed), and 76-96 MiB on SmolLM2-135M, whose heap slack covers the
+# rest (2-core AMD EPYC with AVX512-BF16; bench/results/estimate_lengths_cpu*.json).
+CPU_BF16_RUNTIME_MIB = 32.0
 
 # On the CPU, glibc's heap: a sweep's workers mmap blocks of 4 MiB and more, which go back when freed
 # (orchestrate.driver sets MALLOC_MMAP_THRESHOLD_), and take smaller ones from the heap, where freed
@@ -442,7 +448,7 @@ def estimate_trial_memory(trial: TrialConfig, model_path: Path, device: str,
     eval_seq = eval_batch_length(lengths, trial.data.max_seq_length) if evaluates else None
     if eval_seq is not None:
         activations = max(activations, eval_activation_bytes(shape, training.batch_size, eval_seq, compute_bytes))
-    overhead = context_mb if dev == "cuda" else CPU_RUNTIME_MIB
+    overhead = context_mb if dev == "cuda" else CPU_RUNTIME_MIB + (CPU_BF16_RUNTIME_MIB if compute_bytes == 2 else 0)
     slack = 0.0 if dev == "cuda" else (
         CPU_HEAP_SLACK_PER_WEIGHT * quantized_count + CPU_HEAP_SLACK_OF_ACTIVATIONS * activations) / MIB
 
