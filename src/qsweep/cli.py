@@ -50,11 +50,17 @@ def fail(problems: list[str], source: str | None = None) -> None:
     raise typer.Exit(code=2)
 
 
-def load_and_validate(path: Path) -> tuple[SweepConfig, object]:
+def load_and_validate(path: Path, to_run: bool = False) -> tuple[SweepConfig, object]:
+    """The sweep and its search space, or exit 2 with every problem. `to_run`: the sweep runs next,
+    so what it would build first (its embedded model) is built before validating."""
     from qsweep.preflight.validate import validate_sweep
 
     try:
         sweep = load_sweep(path)
+        if to_run:
+            from qsweep.preflight.model import build_embedded_model
+
+            build_embedded_model(sweep)
         return sweep, validate_sweep(sweep, str(path))
     except SweepFileError as exc:
         fail(exc.problems, exc.source)
@@ -136,7 +142,7 @@ def run_or_resume(sweep_file: Path, address: str | None, must_resume: bool, verb
     from qsweep.tracking import training_view_url
     from qsweep.tracking.state import output_folder, read_state
 
-    sweep, space = load_and_validate(sweep_file)
+    sweep, space = load_and_validate(sweep_file, to_run=True)
     if must_resume and read_state(output_folder(sweep)) is None:
         fail([f"output_dir: nothing to resume in {output_folder(sweep)}; start it with `qsweep run {sweep_file}`"],
              str(sweep_file))

@@ -258,6 +258,15 @@ def embedded_skeleton(name: str, folder: Path) -> Path | None:
     return folder if SKELETONS[name](folder) else None
 
 
+def build_embedded(name: str) -> Path | None:
+    """The embedded model built into the cache, or None when it cannot be built here (logged)."""
+    try:
+        return _materialize_embedded(name)
+    except Exception as exc:  # noqa: BLE001 - validation builds a skeleton next and names the problem
+        logger.info("the embedded model %s could not be built (%s: %s)", name, type(exc).__name__, exc)
+        return None
+
+
 def _materialize_embedded(name: str) -> Path:
     folder = cache_dir() / "models" / name
     if (folder / "config.json").exists():
