@@ -71,6 +71,21 @@ def tiny_sweep_base(zorble_dir: Path) -> dict:
     }
 
 
+@pytest.fixture
+def unquantized_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """qsweep's cache with the built models but no stored 4-bit base (train.quantized): a task
+    quantizes its base (and allocates, under its cap), and no base stored by another test changes it."""
+    from qsweep.config.paths import cache_dir
+
+    built, fresh = cache_dir(), tmp_path / "cache"
+    fresh.mkdir()
+    for name in ("models", "hashes"):
+        if (built / name).exists():
+            (fresh / name).symlink_to(built / name)
+    monkeypatch.setenv("QSWEEP_CACHE", str(fresh))
+    return fresh
+
+
 @pytest.fixture(scope="session")
 def sweep_bench():
     """Write a sweep with its own MLflow store and outputs, run qsweep on it, read its runs."""

@@ -17,21 +17,7 @@ STAGE = {"top_k": 2, "limit": 6}
 
 
 @pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A cache with the built models, so a stored 4-bit base from another test changes nothing here."""
-    from qsweep.config.paths import cache_dir
-
-    built, fresh = cache_dir(), tmp_path / "cache"
-    fresh.mkdir()
-    for name in ("models", "hashes"):
-        if (built / name).exists():
-            (fresh / name).symlink_to(built / name)
-    monkeypatch.setenv("QSWEEP_CACHE", str(fresh))
-    return fresh
-
-
-@pytest.fixture
-def two_trials(tiny_sweep_dict: dict, tmp_path: Path, cache: Path) -> tuple[SweepConfig, list[Path]]:
+def two_trials(tiny_sweep_dict: dict, tmp_path: Path, unquantized_cache: Path) -> tuple[SweepConfig, list[Path]]:
     """Two tiny trials of one quantization, trained apart (different rank, seed and a large learning
     rate, so their adapters visibly differ), each with its config.yaml and adapter as a sweep leaves them."""
     from qsweep.train.trial import run_trial

@@ -212,21 +212,6 @@ TOO_SMALL_MB = 1
 CAP_HIT = r"(?i)(cannot|can't) allocate memory"
 
 
-@pytest.fixture
-def unquantized_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """qsweep's cache with the built models but no stored 4-bit base (train.quantized), so a task
-    quantizes its base, and allocates, under its cap."""
-    from qsweep.config.paths import cache_dir
-
-    built, fresh = cache_dir(), tmp_path / "cache"
-    fresh.mkdir()
-    for name in ("models", "hashes"):
-        if (built / name).exists():
-            (fresh / name).symlink_to(built / name)
-    monkeypatch.setenv("QSWEEP_CACHE", str(fresh))
-    return fresh
-
-
 def test_the_baseline_task_is_capped_like_a_trial(tiny_sweep_dict, unquantized_cache):
     import shutil
 
