@@ -51,7 +51,12 @@ def test_the_dry_run_passes_every_phase_in_order(dry_run):
 def test_the_gpu_tests_are_collected_and_skipped_without_a_gpu(dry_run):
     tests = dry_run["proof"]["phases"]["pytest"]
     assert tests["tests"] >= 7 and tests["skipped"] == tests["tests"], tests
-    assert all(name.startswith("tests.test_gpu") for name in tests["cases"])
+    # Exactly the tests pytest itself selects with `-m gpu`, wherever they live.
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p",
+                             "no:cacheprovider"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    selected = {line.strip() for line in listed.stdout.splitlines() if "::" in line}
+    ran = {f"{module.replace('.', '/')}.py::{name}" for module, name in (c.split("::", 1) for c in tests["cases"])}
+    assert selected and ran == selected, (sorted(ran ^ selected), listed.stdout[-2000:])
     assert "skipped" in (dry_run["out"] / "pytest_gpu.txt").read_text()
 
 
