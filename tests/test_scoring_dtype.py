@@ -11,7 +11,8 @@ import torch
 
 from qsweep.config.schema import EvaluationConfig, QuantizationConfig, SweepConfig
 from qsweep.evaluate.harness import evaluate_model, include_dirs, score
-from qsweep.train.trial import attach_lora, load_base
+from qsweep.train.lora import attach_lora
+from qsweep.train.trial import load_base
 
 REPO = Path(__file__).resolve().parent.parent
 

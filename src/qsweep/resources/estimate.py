@@ -53,7 +53,6 @@ from qsweep.config.schema import TrialConfig
 from qsweep.train import structure
 from qsweep.resources import variants
 from qsweep.train.lengths import BatchLength, DataLengths, eval_batch_length, training_batch_length
-from qsweep.train.targets import resolve_target_modules
 
 MIB = 2**20
 

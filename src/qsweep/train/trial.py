@@ -24,7 +24,6 @@ from qsweep.resources.caps import cap_process, give_back_memory
 from qsweep.resources.estimate import CUDA_CONTEXT_MIB, estimate_trial_memory
 from qsweep.train import chat, lengths, quantized
 from qsweep.train.data import data_hash, tokenized_sets
-from qsweep.train.lora import attach_lora  # noqa: F401 - still imported from here by tests and benches
 from qsweep.train.lora import attach_trial_lora, trainer_optimizers, trial_targets
 from qsweep.train.memory import PeakMemory
 from qsweep.train.models import content_hash, resolve_model
