@@ -42,8 +42,8 @@ def worker(spec: dict) -> dict:
     from qsweep.config.policy import optimizer_name
     from qsweep.config.schema import QuantizationConfig
     from qsweep.train.models import resolve_model
-    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.lora import attach_lora
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import device_type, load_base, resolve_compute_dtype
 
     path = resolve_model(spec["model"]).path

@@ -144,8 +144,8 @@ def test_weight_terms_match_loaded_4bit_model(tmp_path, tiny_llama, tiny_gpt2, q
 
     from qsweep.config.schema import QuantizationConfig
     from qsweep.resources.estimate import estimate_trial_memory
-    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.lora import attach_lora
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import load_base
 
     if architecture == "gpt2":  # Conv1D layers, fused qkv
@@ -214,8 +214,8 @@ def _measure(spec: dict, model_path: Path, out_dir: Path) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from transformers import Trainer
 
-    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.lora import attach_lora
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import load_base, resolve_compute_dtype, training_arguments
 
     trial = _trial_config(spec)

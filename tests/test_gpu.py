@@ -89,8 +89,8 @@ def test_the_optimizer_a_trial_builds_is_the_one_its_estimate_counted(gpu_sweep,
     from qsweep.config.policy import optimizer_name
     from qsweep.resources.estimate import MIB, estimate_trial_memory
     from qsweep.train.models import resolve_model
-    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.lora import attach_lora
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import load_base, resolve_compute_dtype, resolve_optimizer, training_arguments
 
     _free_gpu()

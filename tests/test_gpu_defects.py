@@ -174,8 +174,8 @@ def test_the_estimate_counts_the_optimizer_state_the_trial_builds(tiny_sweep_dic
     import torch
     from transformers import Trainer
 
-    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.lora import attach_lora
+    from qsweep.train.targets import linear_module_names, resolve_target_modules
     from qsweep.train.trial import load_base, resolve_compute_dtype, training_arguments
 
     trial = SweepConfig(**tiny_sweep_dict).trial()
