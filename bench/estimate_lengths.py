@@ -11,8 +11,8 @@ model tensors + growth of the peak resident set while training) is its own. Side
 - at_max_seq_length: the same estimate with every row at max_seq_length (the length qsweep sized
   activations for before).
 
-Two cases: the quickstart (sweeps/quickstart.yaml: zorble's 93 short rows, max_seq_length 64, its
-40 steps x 8 rows) over its search space's extremes, and a mixed set (400 rows, 30% of them with a
+Two cases: the quickstart (sweeps/quickstart.yaml as it stands: zorble's 93 short rows, max_seq_length
+64, its steps x 8 rows) over its search space's extremes, and a mixed set (400 rows, 30% of them with a
 long context, max_seq_length 256, 6 steps x 4 rows and an evaluation every 3 steps), where the trial
 reads 24 of 400 rows and the rule of train.lengths picks the length. Scoring is cut to 4 zorble
 items: it runs after the peak is read and does not change it. Memory peaks are not skewed by other

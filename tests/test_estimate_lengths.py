@@ -18,6 +18,11 @@ from qsweep.cli import app
 
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 0.25
+# The CPU runtime a trial adds (code pages, oneDNN's kernels) is a constant in the estimate, but its
+# resident size is not: the same tiny-llama trial in the same venv peaked at 46 MiB one hour and 62
+# another on one machine (resources.estimate.CPU_BF16_RUNTIME_MIB). On the tiny model, whose whole
+# peak is 40-100 MiB, 25% alone would test that spread; on SmolLM2 it is noise.
+RUNTIME_SPREAD_MB = 10.0
 
 
 def _bench(model: str, configs: int, tmp_path: Path) -> list[dict]:
@@ -34,15 +39,17 @@ def _assert_within(rows: list[dict]) -> None:
                       for r in rows)
     assert {r["case"] for r in rows} == {"quickstart", "mixed"}
     for r in rows:
-        assert abs(r["ratio_sized"] - 1) <= TOLERANCE, table
-        assert abs(r["ratio_trial_logged"] - 1) <= TOLERANCE, table
+        allowed = TOLERANCE * r["measured_peak_mb"] + RUNTIME_SPREAD_MB
+        assert abs(r["sized_estimate_mb"] - r["measured_peak_mb"]) <= allowed, table
+        assert abs(r["trial_logged_estimate_mb"] - r["measured_peak_mb"]) <= allowed, table
     # What the estimate was before (every row at max_seq_length) misses: the test can fail.
     assert any(abs(r["ratio_at_max_seq_length"] - 1) > TOLERANCE for r in rows), table
 
 
 def test_estimate_from_lengths_is_within_25_percent_of_measured_peaks_tiny(tmp_path):
     """Short rows (the quickstart's zorble, a trial reading every row) and mixed long and short rows
-    (a trial reading 24 of 400) on the tiny random Llama: one trial each, in their own processes."""
+    (a trial reading 24 of 400) on the tiny random Llama: one trial each, in their own processes, each
+    within 25% of its peak plus the runtime's spread."""
     _assert_within(_bench("tiny-llama", 1, tmp_path))
 
 
